@@ -1,0 +1,58 @@
+"""``static``: fixed per-task weights (the default balancer)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from torch import Tensor
+
+from lightning_mtl.balancing.base import Balanced, Balancer, register_balancer
+
+if TYPE_CHECKING:
+    from lightning_mtl.tasks import Task
+
+
+@register_balancer("static")
+class StaticWeighting(Balancer):
+    """``loss = sum_t w_t L_t`` with fixed weights: ``weights`` if given, else each ``Task.weight``
+    (1.0 by default, which makes this the equal-weight sum).
+
+    Example:
+        >>> import torch
+        >>> b = StaticWeighting({"a": 0.5, "b": 2.0})
+        >>> b({"a": torch.tensor(2.0), "b": torch.tensor(1.0)}).loss
+        tensor(3.)
+    """
+
+    uses_task_weights: ClassVar[bool] = True
+
+    def __init__(self, weights: Mapping[str, float] | None = None) -> None:
+        super().__init__()
+        self.weights: dict[str, float] = {k: float(v) for k, v in (weights or {}).items()}
+        self._explicit = weights is not None
+
+    def setup(self, tasks: Sequence[Task]) -> None:
+        super().setup(tasks)
+        names = {t.name for t in tasks}
+        if self._explicit:
+            unknown = set(self.weights) - names
+            missing = names - set(self.weights)
+            if unknown or missing:
+                raise ValueError(
+                    f"StaticWeighting weights must name every task exactly: unknown {sorted(unknown)}, "
+                    f"missing {sorted(missing)} (tasks: {sorted(names)})."
+                )
+            if any(w < 0 for w in self.weights.values()):
+                raise ValueError(f"StaticWeighting weights must be >= 0, got {self.weights}.")
+        else:
+            self.weights = {t.name: float(t.weight) for t in tasks}
+
+    def forward(self, losses: Mapping[str, Tensor]) -> Balanced:
+        return self.weighted_sum(losses, self.weights)
+
+    def config(self) -> dict[str, Any]:
+        return {"weights": dict(self.weights)} if self._explicit else {}
+
+    def extra_repr(self) -> str:
+        return f"weights={self.weights}" if self._explicit else ""

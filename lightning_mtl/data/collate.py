@@ -1,0 +1,107 @@
+"""Batch collation for multi-task data: dynamic padding and missing-label filling."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_mtl.kinds import IGNORE_INDEX
+from lightning_mtl.tasks import Task
+
+PAD_ZERO_KEYS = ("attention_mask", "token_type_ids", "special_tokens_mask")
+
+
+class MultiTaskCollator:
+    """Turn a list of example dicts into a batch dict.
+
+    * ``input_ids`` are padded with ``pad_token_id``, masks with 0, token-task labels with -100.
+    * A task's target that is absent from an example, ``None`` or NaN becomes "missing": NaN for float
+      kinds (binary, multilabel, regression), -100 for integer kinds — the module masks it out.
+    * Other keys are stacked (tensors, numbers, equal-length lists).
+
+    Example:
+        >>> c = MultiTaskCollator([Task("y", kind="binary"), Task("z", kind="multiclass", num_outputs=3)])
+        >>> b = c([{"x": [1.0, 2.0], "y": 1, "z": 2}, {"x": [0.0, 1.0], "z": None}])
+        >>> b["y"], b["z"]
+        (tensor([1., nan]), tensor([   2, -100]))
+    """
+
+    def __init__(self, tasks: Sequence[Task], pad_token_id: int = 0) -> None:
+        self.by_key = {t.target_key: t for t in tasks}
+        self.pad_token_id = int(pad_token_id)
+
+    def __call__(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, Tensor]:
+        if not examples:
+            raise ValueError("Cannot collate an empty list of examples.")
+        keys: list[str] = []
+        for ex in examples:
+            if not isinstance(ex, Mapping):
+                raise TypeError(f"Each example must be a dict of inputs and labels, got {type(ex).__name__}.")
+            keys += [k for k in ex if k not in keys]
+        batch: dict[str, Tensor] = {}
+        for key in keys:
+            values = [ex.get(key) for ex in examples]
+            if key in self.by_key:
+                batch[key] = self._targets(self.by_key[key], values)
+            elif key == "input_ids":
+                batch[key] = _pad([_as_tensor(v, key) for v in values], self.pad_token_id)
+            elif key in PAD_ZERO_KEYS:
+                batch[key] = _pad([_as_tensor(v, key) for v in values], 0)
+            elif all(v is not None for v in values):
+                try:
+                    batch[key] = torch.stack([_as_tensor(v, key) for v in values])
+                except (RuntimeError, TypeError):
+                    continue  # strings, ragged metadata: not model inputs
+        return batch
+
+    def _targets(self, task: Task, values: list[Any]) -> Tensor:
+        kind = task.kind_obj
+        dtype = kind.target_dtype
+        missing: float = math.nan if dtype.is_floating_point else IGNORE_INDEX
+        if task.kind == "token":
+            seqs = [torch.full((1,), IGNORE_INDEX) if v is None else _as_tensor(v, task.target_key).long() for v in values]
+            return _pad(seqs, IGNORE_INDEX)
+        present = [v for v in values if not _is_missing(v)]
+        if not present:
+            shape: tuple[int, ...] = (len(values),)
+            if task.kind == "multilabel":
+                shape = (len(values), task.out_features)
+            return torch.full(shape, missing, dtype=dtype)
+        template = _as_tensor(present[0], task.target_key)
+        rows = []
+        for v in values:
+            if _is_missing(v):
+                rows.append(torch.full(template.shape, missing, dtype=dtype))
+            else:
+                t = _as_tensor(v, task.target_key)
+                if t.shape != template.shape:
+                    raise ValueError(f"Task {task.name!r}, key {task.target_key!r}: labels of different shapes {tuple(template.shape)} and {tuple(t.shape)} in one batch.")
+                if t.is_floating_point() and not dtype.is_floating_point:
+                    t = torch.where(torch.isnan(t), torch.full_like(t, IGNORE_INDEX), t)
+                rows.append(t.to(dtype))
+        return torch.stack(rows)
+
+
+def _is_missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def _as_tensor(value: Any, key: str) -> Tensor:
+    if isinstance(value, Tensor):
+        return value
+    try:
+        return torch.as_tensor(value)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise TypeError(f"Key {key!r}: cannot make a tensor of {type(value).__name__} {value!r:.60}: {err}") from None
+
+
+def _pad(seqs: list[Tensor], value: int) -> Tensor:
+    length = max(int(s.shape[0]) for s in seqs)
+    out = torch.full((len(seqs), length, *seqs[0].shape[1:]), value, dtype=seqs[0].dtype)
+    for i, s in enumerate(seqs):
+        out[i, : s.shape[0]] = s
+    return out

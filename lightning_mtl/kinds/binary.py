@@ -1,0 +1,83 @@
+"""``binary``: one logit per example, sigmoid probability of the positive class (``labels[1]``)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from torch import Tensor
+from torchmetrics import Metric
+from torchmetrics.classification import BinaryAccuracy, BinaryAUROC, BinaryF1Score
+
+from lightning_mtl.kinds.base import Masked, TaskKind, missing_mask, register_kind
+
+if TYPE_CHECKING:
+    from lightning_mtl.tasks import Task
+
+
+@register_kind("binary")
+class Binary(TaskKind):
+    """Two classes. Targets: 0/1 (int or float); missing: NaN or -100. Loss: BCE with logits.
+
+    Example:
+        >>> from lightning_mtl import Task
+        >>> t = Task("spam", kind="binary", labels=["ham", "spam"])
+        >>> t.describe(torch.tensor([[2.0]]))[0]["label"]
+        'spam'
+    """
+
+    default_loss: ClassVar[str] = "bce"
+    needs_labels: ClassVar[bool] = False
+    target_dtype: ClassVar[torch.dtype] = torch.float32
+
+    def num_outputs(self, task: Task) -> int:
+        if task.labels is not None and len(task.labels) != 2:
+            raise ValueError(f"Task {task.name!r} is binary: `labels` must name 2 classes, got {task.labels}.")
+        return 1
+
+    def metric_presets(self, task: Task) -> dict[str, Callable[[], Metric]]:
+        t = task.threshold
+        return {
+            "accuracy": lambda: BinaryAccuracy(threshold=t),
+            "f1": lambda: BinaryF1Score(threshold=t),
+            "auroc": lambda: BinaryAUROC(),
+        }
+
+    def _flat(self, task: Task, outputs: Tensor) -> Tensor:
+        if outputs.dim() == 2 and outputs.shape[1] == 1:
+            return outputs[:, 0]
+        if outputs.dim() != 1:
+            raise ValueError(f"Task {task.name!r}: a binary head must output [batch] or [batch, 1], got {tuple(outputs.shape)}.")
+        return outputs
+
+    def check(self, task: Task, outputs: Tensor, target: Tensor) -> None:
+        if target.dim() == 2 and target.shape[1] == 1:
+            target = target[:, 0]
+        if target.shape != (outputs.shape[0],):
+            raise self._error(task, f"expected shape [batch] = [{outputs.shape[0]}], got {tuple(target.shape)}.")
+        valid = target[~missing_mask(target)]
+        if valid.numel() and not bool(((valid == 0) | (valid == 1)).all()):
+            raise self._error(task, f"binary targets must be 0 or 1 (NaN or -100 when missing), got values {valid.unique()[:5].tolist()}.")
+
+    def mask(self, task: Task, outputs: Tensor, target: Tensor) -> Masked:
+        logits = self._flat(task, outputs)
+        target = target.reshape(-1)
+        keep = ~missing_mask(target)
+        logits, target = logits[keep], target[keep]
+        return Masked(logits, target.float(), torch.sigmoid(logits.detach().float()), target.long(), int(keep.sum()))
+
+    def postprocess(self, task: Task, outputs: Tensor) -> Tensor:
+        return torch.sigmoid(self._flat(task, outputs).float())
+
+    def describe(self, task: Task, probs: Tensor) -> list[dict[str, Any]]:
+        out = []
+        for p in probs.tolist():
+            out.append(
+                {
+                    "label": self._label(task, int(p >= task.threshold)),
+                    "probability": p,
+                    "probabilities": {self._label(task, 0): 1.0 - p, self._label(task, 1): p},
+                }
+            )
+        return out

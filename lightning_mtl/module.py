@@ -1,0 +1,449 @@
+"""``MultiTaskModule``: one backbone, one head + loss + metrics per task, a pluggable balancer."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor, nn
+from torchmetrics import MeanMetric
+
+from lightning_mtl._registry import build_from_spec
+from lightning_mtl.balancing import Balancer, create_balancer
+from lightning_mtl.heads import create_head
+from lightning_mtl.tasks import Task
+
+try:  # Python 3.12+
+    from typing import override
+except ImportError:  # pragma: no cover
+    from typing_extensions import override
+
+STAGES = ("train", "val", "test")
+Features = Tensor | Mapping[str, Tensor]
+
+
+@dataclass
+class TaskGroup:
+    """Examples that share one backbone pass: their inputs, the targets they carry, and the tasks to run."""
+
+    inputs: Any
+    targets: dict[str, Tensor]
+    tasks: list[str]
+
+
+class MultiTaskModule(L.LightningModule):
+    """A ``LightningModule`` that trains one backbone for several tasks.
+
+    Args:
+        backbone: any ``nn.Module`` mapping inputs to features (a tensor, or a dict of named features
+            such as ``{"pooled", "tokens"}``), or a ``{"class_path", "init_args"}`` spec of one.
+            Modules with a ``spec()`` method (e.g. :class:`~lightning_mtl.backbones.HFEncoder`) are
+            stored as that spec, so checkpoints reload with ``load_from_checkpoint(path)`` alone;
+            other live modules must be passed again: ``load_from_checkpoint(path, backbone=...)``.
+        tasks: :class:`~lightning_mtl.Task` objects or their dicts.
+        balancer: a registered name (:func:`~lightning_mtl.balancing.list_balancers`), a spec, or a
+            :class:`~lightning_mtl.balancing.Balancer`; default ``"static"`` (``Task.weight``, 1.0 each).
+        feature_dim: width of the backbone's features when it has no ``out_features`` attribute
+            (an int, or a dict per feature key).
+        lr: learning rate of the backbone (AdamW). ``head_lr``: of heads and balancer (default ``lr``).
+        weight_decay: AdamW weight decay (not applied to biases and norms).
+        scheduler: ``None``, ``"linear"`` or ``"cosine"`` decay after ``warmup_ratio`` of the steps.
+        check_inputs: validate every target's shape, dtype and range with a clear error (one host
+            sync per task and step; turn off once the data is known good).
+
+    Hooks a subclass may override (each is called by the one above it):
+        ``shared_step(batch, stage)`` -> per-task losses;
+        ``forward_features(inputs)`` -> backbone features;
+        ``compute_losses(outputs, targets, stage)`` -> per-task losses, updating metrics;
+        ``extra_losses(features, outputs, group, stage)`` -> named extra terms added to the balanced loss;
+        ``configure_optimizers()``.
+
+    Example:
+        >>> from lightning_mtl import Task
+        >>> module = MultiTaskModule(
+        ...     nn.Sequential(nn.Linear(4, 8), nn.ReLU()),
+        ...     tasks=[Task("risk", kind="binary", labels=["low", "high"]), Task("stay", kind="regression")],
+        ...     feature_dim=8,
+        ... )
+        >>> preds = module.predict(torch.zeros(2, 4))
+        >>> sorted(preds), sorted(preds["risk"][0])
+        (['risk', 'stay'], ['label', 'probabilities', 'probability'])
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module | Mapping[str, Any] | None,
+        tasks: Sequence[Task | Mapping[str, Any]],
+        balancer: str | Mapping[str, Any] | Balancer | None = None,
+        *,
+        feature_dim: int | Mapping[str, int] | None = None,
+        lr: float = 1e-3,
+        head_lr: float | None = None,
+        weight_decay: float = 0.0,
+        scheduler: str | None = None,
+        warmup_ratio: float = 0.0,
+        check_inputs: bool = True,
+        backbone_class: str | None = None,
+    ) -> None:
+        super().__init__()
+        task_list = [Task.coerce(t) for t in tasks]
+        if not task_list:
+            raise ValueError("MultiTaskModule needs at least one Task.")
+        names = [t.name for t in task_list]
+        if len(set(names)) != len(names):
+            raise ValueError(f"Task names must be unique, got {names}.")
+        if scheduler not in (None, "linear", "cosine"):
+            raise ValueError(f"scheduler must be None, 'linear' or 'cosine', got {scheduler!r}.")
+        self.tasks: dict[str, Task] = {t.name: t for t in task_list}
+        self.backbone, backbone_hparam = self._build_backbone(backbone, backbone_class)
+
+        dims = feature_dim if feature_dim is not None else getattr(self.backbone, "out_features", None)
+        self.heads = nn.ModuleDict({t.name: create_head(t.head_name, self._in_features(t, dims), t.out_features, **t.head_kwargs) for t in task_list})
+        self.loss_fns = {t.name: t.build_loss() for t in task_list}
+        self.loss_modules = nn.ModuleDict({k: v for k, v in self.loss_fns.items() if isinstance(v, nn.Module)})
+        self.metrics = nn.ModuleDict({f"{s}_{t.name}": t.build_metrics() for s in STAGES for t in task_list})
+        self.loss_means = nn.ModuleDict({f"{s}_{t.name}": MeanMetric() for s in STAGES for t in task_list})
+        self.balancer = create_balancer(balancer)
+        self.balancer.setup(task_list)
+        if self.balancer.family != "loss":
+            raise NotImplementedError(f"Balancer family {self.balancer.family!r} is not supported by this version.")
+        self.check_inputs = check_inputs
+
+        balancer_hparam = balancer.spec() if isinstance(balancer, Balancer) else balancer
+        self.save_hyperparameters(
+            {
+                "backbone": backbone_hparam,
+                "backbone_class": backbone_class or f"{type(self.backbone).__module__}.{type(self.backbone).__qualname__}",
+                "tasks": [t.to_dict() for t in task_list],
+                "balancer": balancer_hparam,
+                "feature_dim": dict(feature_dim) if isinstance(feature_dim, Mapping) else feature_dim,
+                "lr": lr,
+                "head_lr": head_lr,
+                "weight_decay": weight_decay,
+                "scheduler": scheduler,
+                "warmup_ratio": warmup_ratio,
+                "check_inputs": check_inputs,
+            }
+        )
+
+    # --- construction helpers -------------------------------------------------------------------
+    @staticmethod
+    def _build_backbone(backbone: Any, backbone_class: str | None) -> tuple[nn.Module, Any]:
+        if backbone is None:
+            raise ValueError(
+                f"This checkpoint was trained with a live backbone ({backbone_class or 'unknown class'}) that has no "
+                "serialisable spec. Pass it again: MultiTaskModule.load_from_checkpoint(path, backbone=<module>), "
+                "or give the backbone a `spec()` method returning {'class_path': ..., 'init_args': ...}."
+            )
+        if isinstance(backbone, Mapping):
+            module = build_from_spec(dict(backbone), "backbone")
+            if not isinstance(module, nn.Module):
+                raise TypeError(f"backbone spec built {type(module).__name__}, which is not an nn.Module.")
+            return module, dict(backbone)
+        if not isinstance(backbone, nn.Module):
+            raise TypeError(f"backbone must be an nn.Module or a class_path spec, got {type(backbone).__name__}.")
+        spec = backbone.spec() if callable(getattr(backbone, "spec", None)) else None
+        return backbone, spec
+
+    @staticmethod
+    def _in_features(task: Task, dims: Any) -> int:
+        if isinstance(dims, Mapping):
+            if task.feature_key not in dims:
+                raise ValueError(f"Task {task.name!r} reads backbone feature {task.feature_key!r}, but feature_dim only has {sorted(dims)}.")
+            return int(dims[task.feature_key])
+        if dims is None:
+            raise ValueError(
+                f"Cannot size the head of task {task.name!r}: the backbone has no `out_features` attribute. "
+                "Pass MultiTaskModule(..., feature_dim=<width of the backbone output>)."
+            )
+        return int(dims)
+
+    # --- forward ----------------------------------------------------------------------------------
+    def forward_features(self, inputs: Any) -> Features:
+        """Run the backbone once. A dict with several entries is passed as keyword arguments,
+        a single-entry dict or a tensor positionally. Override for other calling conventions."""
+        if isinstance(inputs, Mapping):
+            if len(inputs) == 1:
+                return self.backbone(next(iter(inputs.values())))  # type: ignore[no-any-return]
+            return self.backbone(**inputs)  # type: ignore[no-any-return]
+        return self.backbone(inputs)  # type: ignore[no-any-return]
+
+    def select_features(self, features: Features, task: Task) -> Tensor:
+        """The features a task's head reads: the tensor itself, or ``features[task.feature_key]``."""
+        if isinstance(features, Tensor):
+            return features
+        if isinstance(features, Mapping):
+            if task.feature_key not in features:
+                raise KeyError(f"Task {task.name!r} reads feature {task.feature_key!r}, but the backbone returned {sorted(features)}.")
+            return features[task.feature_key]
+        raise TypeError(f"The backbone must return a tensor or a dict of tensors, got {type(features).__name__}.")
+
+    def run_heads(self, features: Features, task_names: Sequence[str] | None = None) -> dict[str, Tensor]:
+        return {n: self.heads[n](self.select_features(features, self.tasks[n])) for n in (task_names or self.tasks)}
+
+    @override
+    def forward(self, inputs: Any) -> dict[str, Tensor]:
+        """Raw head outputs of every task for one batch of inputs (one backbone pass)."""
+        return self.run_heads(self.forward_features(inputs))
+
+    # --- batches ----------------------------------------------------------------------------------
+    def split_batch(self, batch: Any) -> list[TaskGroup]:
+        """Normalise a batch to groups of ``(inputs, targets, tasks)``.
+
+        Accepted: ``{input keys..., <target_key>: labels, ...}`` (one dataset, several label columns; an
+        absent key masks the task out), ``(inputs, {task: labels})``, and ``{task: batch_or_None}`` as
+        produced by a ``CombinedLoader`` over one dataset per task.
+        """
+        target_keys = {t.target_key: t.name for t in self.tasks.values()}
+        if isinstance(batch, Mapping) and batch and set(batch) <= set(self.tasks) and all(v is None or isinstance(v, Mapping) for v in batch.values()):
+            groups = []
+            for name, sub in batch.items():
+                if sub is None:
+                    continue
+                key = self.tasks[name].target_key
+                if key not in sub:
+                    raise KeyError(f"Task {name!r}: its batch has no target key {key!r}; keys present: {sorted(sub)}.")
+                inputs = {k: v for k, v in sub.items() if k not in target_keys}
+                groups.append(TaskGroup(inputs, {name: sub[key]}, [name]))
+            return groups
+        if isinstance(batch, (tuple, list)) and len(batch) == 2 and isinstance(batch[1], Mapping):
+            inputs, targets = batch
+            unknown = set(targets) - set(self.tasks)
+            if unknown:
+                raise KeyError(f"Targets for unknown task(s) {sorted(unknown)}; tasks are {sorted(self.tasks)}.")
+            return [TaskGroup(inputs, dict(targets), list(self.tasks))]
+        if isinstance(batch, Mapping):
+            inputs = {k: v for k, v in batch.items() if k not in target_keys}
+            if not inputs:
+                raise KeyError(f"The batch has only target keys {sorted(batch)}; no inputs for the backbone.")
+            targets = {target_keys[k]: v for k, v in batch.items() if k in target_keys}
+            return [TaskGroup(inputs, targets, list(self.tasks))]
+        raise TypeError(
+            f"Unsupported batch type {type(batch).__name__}: expected a dict of inputs and targets, "
+            "(inputs, {task: target}), or {task: batch} from a CombinedLoader."
+        )
+
+    # --- losses -----------------------------------------------------------------------------------
+    def compute_losses(self, outputs: Mapping[str, Tensor], targets: Mapping[str, Tensor], stage: str) -> dict[str, Tensor]:
+        """Masked per-task losses; updates the stage's metrics. A task without labels in this batch
+        gets a zero loss that still touches its head (so DDP sees every parameter used)."""
+        losses: dict[str, Tensor] = {}
+        for name, out in outputs.items():
+            task = self.tasks[name]
+            target = targets.get(name)
+            if target is None:
+                losses[name] = out.sum() * 0.0
+                continue
+            if not isinstance(target, Tensor):
+                raise TypeError(f"Task {name!r}, target key {task.target_key!r}: expected a tensor, got {type(target).__name__}.")
+            kind = task.kind_obj
+            if self.check_inputs:
+                kind.check(task, out, target)
+            masked = kind.mask(task, out, target)
+            if masked.count == 0:
+                losses[name] = out.sum() * 0.0
+                continue
+            loss = self.loss_fns[name](masked.loss_input, masked.loss_target)
+            losses[name] = loss
+            self.metrics[f"{stage}_{name}"].update(masked.metric_preds, masked.metric_target)
+            self.loss_means[f"{stage}_{name}"].update(loss.detach().float(), weight=masked.count)
+        return losses
+
+    def extra_losses(self, features: Features, outputs: Mapping[str, Tensor], group: TaskGroup, stage: str) -> dict[str, Tensor]:
+        """Extra named loss terms (e.g. an auxiliary regulariser) added after balancing. Default: none."""
+        return {}
+
+    def shared_step(self, batch: Any, stage: str) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """Forward every group, return ``(task_losses, extra_losses)``."""
+        losses: dict[str, Tensor] = {}
+        extras: dict[str, Tensor] = {}
+        for group in self.split_batch(batch):
+            features = self.forward_features(group.inputs)
+            outputs = self.run_heads(features, group.tasks)
+            for name, loss in self.compute_losses(outputs, group.targets, stage).items():
+                losses[name] = losses[name] + loss if name in losses else loss
+            for name, term in self.extra_losses(features, outputs, group, stage).items():
+                extras[name] = extras[name] + term if name in extras else term
+        return losses, extras
+
+    # --- Lightning hooks --------------------------------------------------------------------------
+    @override
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        losses, extras = self.shared_step(batch, "train")
+        if not losses:
+            raise ValueError("The training batch contained no task: nothing to learn from.")
+        balanced = self.balancer(losses)
+        total = balanced.loss + sum(extras.values(), torch.zeros((), device=balanced.loss.device))
+        absent = [n for n in self.tasks if n not in losses]
+        if absent:  # keep every head in the graph so DDP does not report unused parameters
+            total = total + sum(p.sum() * 0.0 for n in absent for p in self.heads[n].parameters())
+        bs = self._batch_size(batch)
+        for name, loss in losses.items():
+            self.log(f"train/{name}/loss", loss.detach(), on_step=True, on_epoch=False, prog_bar=True, batch_size=bs)
+        for name, term in extras.items():
+            self.log(f"train/extra/{name}", term.detach(), on_step=True, on_epoch=False, batch_size=bs)
+        for name, w in balanced.weights.items():
+            self.log(f"weights/{name}", w, on_step=True, on_epoch=False, batch_size=bs)
+        self.log("train/loss", total.detach(), on_step=True, on_epoch=False, batch_size=bs)
+        return total
+
+    @override
+    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self.shared_step(batch, "val")
+
+    @override
+    def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self.shared_step(batch, "test")
+
+    @override
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
+        """Per-task probabilities (classification) or values (regression) for every group."""
+        result: dict[str, list[Tensor]] = {}
+        for group in self.split_batch(batch):
+            for name, out in self.run_heads(self.forward_features(group.inputs), group.tasks).items():
+                task = self.tasks[name]
+                result.setdefault(name, []).append(task.kind_obj.postprocess(task, out))
+        return {k: torch.cat(v) if len(v) > 1 else v[0] for k, v in result.items()}
+
+    @override
+    def on_train_epoch_end(self) -> None:
+        self._log_epoch_metrics("train")
+
+    @override
+    def on_validation_epoch_end(self) -> None:
+        self._log_epoch_metrics("val")
+
+    @override
+    def on_test_epoch_end(self) -> None:
+        self._log_epoch_metrics("test")
+
+    def _log_epoch_metrics(self, stage: str) -> None:
+        # Every rank computes (torchmetrics syncs the states) and logs the same keys, then resets.
+        values: dict[str, Tensor] = {}
+        for name in self.tasks:
+            collection = self.metrics[f"{stage}_{name}"]
+            mean = self.loss_means[f"{stage}_{name}"]
+            values[f"{stage}/{name}/loss"] = self._safe_compute(mean)
+            for key, value in collection.items():
+                values[f"{stage}/{name}/{key}"] = self._safe_compute(value)
+            collection.reset()
+            mean.reset()
+        self.log_dict(values, on_step=False, on_epoch=True, prog_bar=False, sync_dist=False)
+
+    @staticmethod
+    def _safe_compute(metric: Any) -> Tensor:
+        # A metric never updated (e.g. a task absent from this split) still computes, with a warning we silence.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*compute.*before.*update.*")
+            value = torch.as_tensor(metric.compute(), dtype=torch.float32)
+        return value if value.numel() == 1 else value.mean()
+
+    @staticmethod
+    def _batch_size(batch: Any) -> int:
+        """Examples in a batch (summed over task groups), for Lightning's logging."""
+        if isinstance(batch, Tensor):
+            return int(batch.shape[0]) if batch.dim() else 1
+        if isinstance(batch, Mapping):
+            values = [v for v in batch.values() if v is not None]
+            if values and all(isinstance(v, Mapping) for v in values):
+                return sum(MultiTaskModule._batch_size(v) for v in values)
+            return next((MultiTaskModule._batch_size(v) for v in values if isinstance(v, Tensor)), 1)
+        if isinstance(batch, (tuple, list)) and batch:
+            return MultiTaskModule._batch_size(batch[0])
+        return 1
+
+    # --- optimisation -----------------------------------------------------------------------------
+    @override
+    def configure_optimizers(self) -> Any:
+        """AdamW over trainable parameters: backbone at ``lr``, heads and balancer at ``head_lr``;
+        no weight decay on biases and norm weights; optional warm-up + linear/cosine decay."""
+        hp = self.hparams
+        head_lr = hp.head_lr if hp.head_lr is not None else hp.lr
+        groups: list[dict[str, Any]] = []
+        for modules, lr in ((self.backbone, hp.lr), (nn.ModuleList([self.heads, self.balancer, self.loss_modules]), head_lr)):
+            decay, no_decay = [], []
+            for pname, p in modules.named_parameters():
+                if not p.requires_grad:
+                    continue
+                (no_decay if p.dim() < 2 or "norm" in pname.lower() else decay).append(p)
+            groups += [
+                {"params": decay, "lr": lr, "weight_decay": hp.weight_decay},
+                {"params": no_decay, "lr": lr, "weight_decay": 0.0},
+            ]
+        groups = [g for g in groups if g["params"]]
+        if not groups:
+            raise ValueError("No trainable parameters: every parameter of the backbone and heads is frozen.")
+        optimizer = torch.optim.AdamW(groups)
+        if hp.scheduler is None:
+            return optimizer
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        warmup = int(hp.warmup_ratio * total)
+        cosine = hp.scheduler == "cosine"
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / (warmup + 1)
+            progress = min((step - warmup) / max(total - warmup, 1), 1.0)
+            return 0.5 * (1 + math.cos(math.pi * progress)) if cosine else 1.0 - progress
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # --- inference --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def predict(self, inputs: Any, batch_size: int = 64) -> dict[str, list[dict[str, Any]]]:
+        """Predict every task for raw inputs with one backbone pass per batch.
+
+        ``inputs``: a string or list of strings (the backbone must offer ``preprocess``, as
+        :class:`~lightning_mtl.backbones.HFEncoder` does), a tensor, or a dict of tensors.
+        Returns ``{task: [prediction per example]}`` with label names and probabilities.
+        """
+        if isinstance(inputs, str) or (isinstance(inputs, Sequence) and inputs and all(isinstance(x, str) for x in inputs)):
+            texts = [inputs] if isinstance(inputs, str) else list(inputs)
+            preprocess = getattr(self.backbone, "preprocess", None)
+            if preprocess is None:
+                raise TypeError(f"Raw text needs a backbone with `preprocess`; {type(self.backbone).__name__} has none. Pass tensors instead.")
+            chunks = [preprocess(texts[i : i + batch_size]) for i in range(0, len(texts), batch_size)]
+        elif isinstance(inputs, Tensor):
+            chunks = list(inputs.split(batch_size))
+        elif isinstance(inputs, Mapping):
+            n = next(iter(inputs.values())).shape[0]
+            chunks = [{k: v[i : i + batch_size] for k, v in inputs.items()} for i in range(0, n, batch_size)]
+        else:
+            raise TypeError(f"predict() takes text, a tensor or a dict of tensors, got {type(inputs).__name__}.")
+        was_training = self.training
+        self.eval()
+        try:
+            result: dict[str, list[dict[str, Any]]] = {name: [] for name in self.tasks}
+            for chunk in chunks:
+                chunk = self._to_device(chunk)
+                outputs = self(chunk)
+                lengths = chunk["attention_mask"].sum(1).tolist() if isinstance(chunk, Mapping) and "attention_mask" in chunk else None
+                for name, out in outputs.items():
+                    described = self.tasks[name].describe(out)
+                    if lengths is not None and self.tasks[name].kind == "token":
+                        for d, n in zip(described, lengths):
+                            d["labels"] = d["labels"][: int(n)]
+                    result[name].extend(described)
+            return result
+        finally:
+            self.train(was_training)
+
+    def _to_device(self, obj: Any) -> Any:
+        if isinstance(obj, Tensor):
+            return obj.to(self.device)
+        if isinstance(obj, Mapping):
+            return {k: self._to_device(v) for k, v in obj.items()}
+        return obj
+
+    @override
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        saved = [t["name"] for t in checkpoint.get("hyper_parameters", {}).get("tasks", [])]
+        if saved and saved != list(self.tasks):
+            rank_zero_warn(f"Checkpoint tasks {saved} differ from this module's tasks {list(self.tasks)}.")

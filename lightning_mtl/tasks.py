@@ -1,0 +1,146 @@
+"""``Task``: the specification of one task of a multi-task model."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import Tensor, nn
+from torchmetrics import MetricCollection
+
+from lightning_mtl._registry import build_from_spec
+from lightning_mtl.kinds import LOSSES, TaskKind, get_kind, list_kinds
+
+
+@dataclass
+class Task:
+    """One task: its name, *kind* and everything that differs from the kind's defaults.
+
+    Args:
+        name: the task's name; also the default key of its target in a batch.
+        kind: one of :func:`~lightning_mtl.kinds.list_kinds` (``binary``, ``multiclass``, ``multilabel``,
+            ``regression``, ``token``, ``dense``). The kind supplies the default head, loss, metrics and
+            how outputs become predictions.
+        labels: class names (index i names class i); for ``binary``, ``[negative, positive]``.
+        num_outputs: head width when there are no label names (e.g. a 3-output regression).
+        head: a registered head name (:func:`~lightning_mtl.heads.list_heads`); default from the kind.
+        head_kwargs: extra arguments of the head, e.g. ``{"hidden": 256, "dropout": 0.1}`` for ``mlp``.
+        loss: ``"ce"``, ``"bce"``, ``"mse"``, ``"l1"``, ``"huber"``, ``"smooth_l1"`` or a
+            ``{"class_path": ..., "init_args": ...}`` spec of a module called as ``loss(input, target)``
+            on the masked outputs (missing labels already removed).
+        metrics: ``None`` for the kind's preset, a list of preset names to keep, or a dict
+            ``name -> {"class_path": ..., "init_args": ...}`` of torchmetrics metrics.
+        weight: static loss weight used by the ``static`` balancer (the default one).
+        target_key: key of the target in a batch (default: ``name``).
+        feature_key: which backbone feature the head reads when the backbone returns a dict
+            (default from the kind: ``pooled``, ``tokens`` for token tasks, ``spatial`` for dense ones).
+        threshold: decision threshold for ``binary``/``multilabel`` predictions and metrics.
+
+    Example:
+        >>> t = Task("topic", kind="multiclass", labels=["business", "sport"])
+        >>> t.target_key, t.head_name, t.out_features
+        ('topic', 'linear', 2)
+        >>> Task.from_dict(t.to_dict()) == t
+        True
+    """
+
+    name: str
+    kind: str
+    labels: list[str] | None = None
+    num_outputs: int | None = None
+    head: str | None = None
+    head_kwargs: dict[str, Any] = field(default_factory=dict)
+    loss: str | dict[str, Any] | None = None
+    metrics: list[str] | dict[str, dict[str, Any]] | None = None
+    weight: float = 1.0
+    target_key: str | None = None  # type: ignore[assignment]
+    feature_key: str | None = None  # type: ignore[assignment]
+    threshold: float = 0.5
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name or "/" in self.name:
+            raise ValueError(f"Task name must be a non-empty string without '/', got {self.name!r}.")
+        if self.kind not in list_kinds():
+            raise ValueError(f"Task {self.name!r}: unknown kind {self.kind!r}; choose one of {list_kinds()}.")
+        if self.labels is not None:
+            self.labels = [str(label) for label in self.labels]
+            if len(set(self.labels)) != len(self.labels):
+                raise ValueError(f"Task {self.name!r}: duplicate label names in {self.labels}.")
+        if self.target_key is None:
+            self.target_key = self.name
+        if self.feature_key is None:
+            self.feature_key = self.kind_obj.feature_key
+        if self.head is None:
+            self.head = self.kind_obj.default_head
+        if self.weight < 0:
+            raise ValueError(f"Task {self.name!r}: weight must be >= 0, got {self.weight}.")
+        if isinstance(self.loss, str) and self.loss not in LOSSES:
+            raise ValueError(f"Task {self.name!r}: unknown loss {self.loss!r}; choose one of {sorted(LOSSES)} or give a class_path spec.")
+        self.out_features  # noqa: B018 - validates labels / num_outputs early
+
+    # --- derived --------------------------------------------------------------------------------
+    @property
+    def kind_obj(self) -> TaskKind:
+        """The :class:`~lightning_mtl.kinds.TaskKind` that supplies this task's defaults."""
+        return get_kind(self.kind)
+
+    @property
+    def head_name(self) -> str:
+        return self.head or self.kind_obj.default_head
+
+    @property
+    def out_features(self) -> int:
+        """Width of the head output."""
+        return self.kind_obj.num_outputs(self)
+
+    def build_loss(self) -> Callable[[Tensor, Tensor], Tensor]:
+        """The loss callable ``loss(masked_outputs, masked_target) -> scalar``."""
+        if self.loss is None:
+            return LOSSES[self.kind_obj.default_loss]
+        if isinstance(self.loss, str):
+            return LOSSES[self.loss]
+        module = build_from_spec(self.loss, f"Task {self.name!r} loss")
+        if not isinstance(module, nn.Module) and not callable(module):
+            raise TypeError(f"Task {self.name!r}: loss spec built {module!r}, which is not callable.")
+        return module  # type: ignore[no-any-return]
+
+    def build_metrics(self) -> MetricCollection:
+        """A fresh torchmetrics collection for one split."""
+        presets = self.kind_obj.metric_presets(self)
+        if self.metrics is None:
+            return MetricCollection({k: f() for k, f in presets.items()})
+        if isinstance(self.metrics, Mapping):
+            return MetricCollection({k: build_from_spec(v, f"Task {self.name!r} metric {k!r}") for k, v in self.metrics.items()})
+        unknown = [m for m in self.metrics if m not in presets]
+        if unknown:
+            raise ValueError(f"Task {self.name!r}: unknown metric(s) {unknown}; kind {self.kind!r} offers {sorted(presets)}.")
+        return MetricCollection({k: presets[k]() for k in self.metrics})
+
+    def describe(self, outputs: Tensor) -> list[dict[str, Any]]:
+        """Raw head outputs -> a readable prediction per example."""
+        kind = self.kind_obj
+        return kind.describe(self, kind.postprocess(self, outputs).cpu())
+
+    # --- serialisation ----------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict (checkpoint hyper-parameters, ``config.json``)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Task:
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - fields
+        if unknown:
+            raise ValueError(f"Task spec has unknown keys {sorted(unknown)}; known keys: {sorted(fields)}.")
+        return cls(**dict(data))
+
+    @classmethod
+    def coerce(cls, spec: Task | Mapping[str, Any]) -> Task:
+        """Accept a ``Task`` or its dict form."""
+        if isinstance(spec, Task):
+            return spec
+        if isinstance(spec, Mapping):
+            return cls.from_dict(spec)
+        raise TypeError(f"Expected a Task or a dict, got {type(spec).__name__}: {spec!r}.")
