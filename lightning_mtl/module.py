@@ -54,6 +54,8 @@ class MultiTaskModule(L.LightningModule):
         lr: learning rate of the backbone (AdamW). ``head_lr``: of heads and balancer (default ``lr``).
         weight_decay: AdamW weight decay (not applied to biases and norms).
         scheduler: ``None``, ``"linear"`` or ``"cosine"`` decay after ``warmup_ratio`` of the steps.
+        input_keys: the batch keys passed to the backbone (default: the backbone's ``input_keys``
+            attribute if it has one, else every key that is not a task target).
         check_inputs: validate every target's shape, dtype and range with a clear error (one host
             sync per task and step; turn off once the data is known good).
 
@@ -89,6 +91,7 @@ class MultiTaskModule(L.LightningModule):
         scheduler: str | None = None,
         warmup_ratio: float = 0.0,
         check_inputs: bool = True,
+        input_keys: Sequence[str] | None = None,
         backbone_class: str | None = None,
     ) -> None:
         super().__init__()
@@ -129,6 +132,7 @@ class MultiTaskModule(L.LightningModule):
                 "scheduler": scheduler,
                 "warmup_ratio": warmup_ratio,
                 "check_inputs": check_inputs,
+                "input_keys": list(input_keys) if input_keys is not None else None,
             }
         )
 
@@ -168,11 +172,25 @@ class MultiTaskModule(L.LightningModule):
     def forward_features(self, inputs: Any) -> Features:
         """Run the backbone once. A dict with several entries is passed as keyword arguments,
         a single-entry dict or a tensor positionally. Override for other calling conventions."""
-        if isinstance(inputs, Mapping):
-            if len(inputs) == 1:
-                return self.backbone(next(iter(inputs.values())))  # type: ignore[no-any-return]
+        if not isinstance(inputs, Mapping):
+            return self.backbone(inputs)  # type: ignore[no-any-return]
+        keys = self.hparams.get("input_keys") or getattr(self.backbone, "input_keys", None)
+        if keys is not None:
+            missing = [k for k in keys if k not in inputs and k != "token_type_ids"]
+            if missing:
+                raise KeyError(f"The batch lacks backbone input(s) {missing}; it has {sorted(inputs)}.")
+            inputs = {k: inputs[k] for k in keys if k in inputs}
+        if len(inputs) == 1:
+            return self.backbone(next(iter(inputs.values())))  # type: ignore[no-any-return]
+        try:
             return self.backbone(**inputs)  # type: ignore[no-any-return]
-        return self.backbone(inputs)  # type: ignore[no-any-return]
+        except TypeError as err:
+            if "argument" not in str(err):
+                raise
+            raise TypeError(
+                f"Calling the backbone {type(self.backbone).__name__} with batch keys {sorted(inputs)} failed ({err}). "
+                "Pass MultiTaskModule(..., input_keys=[...]) to choose the keys, or override forward_features()."
+            ) from err
 
     def select_features(self, features: Features, task: Task) -> Tensor:
         """The features a task's head reads: the tensor itself, or ``features[task.feature_key]``."""

@@ -102,6 +102,7 @@ class HFEncoder(nn.Module):
             path = resolve_model_path(model_name_or_path)
             self.model = self._without_pooler(lambda **kw: AutoModel.from_pretrained(path, **kw))
         self.out_features: int = int(self.model.config.hidden_size)
+        self.input_keys = ("input_ids", "attention_mask", "token_type_ids")
         self.freeze_layers = int(freeze_layers)
         self._freeze(self.freeze_layers)
         self._tokenizer: Any = None
