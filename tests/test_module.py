@@ -235,7 +235,7 @@ def test_bad_targets_give_clear_errors():
 
 def test_construction_errors():
     with pytest.raises(ValueError, match="feature_dim"):
-        MultiTaskModule(nn.Linear(8, 4), [TABULAR_TASKS[0]])
+        MultiTaskModule(nn.Sequential(nn.Linear(8, 4)), [TABULAR_TASKS[0]])
     with pytest.raises(ValueError, match="unique"):
         MultiTaskModule(MLPBackbone(8), [TABULAR_TASKS[0], TABULAR_TASKS[0]])
     with pytest.raises(ValueError, match=r"Balancer 'equal' does not use Task.weight"):
