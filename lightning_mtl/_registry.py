@@ -44,7 +44,7 @@ class Registry(Generic[T]):
 
         return decorator
 
-    def list(self, filter: str | None = None) -> list[str]:  # noqa: A002 - mirrors timm/torchmetrics
+    def list(self, filter: str | None = None) -> list[str]:
         names = sorted(self._entries)
         return [n for n in names if filter is None or fnmatch.fnmatch(n, filter)]
 
@@ -83,6 +83,8 @@ def build_from_spec(spec: dict[str, Any], what: str) -> Any:
         Identity()
     """
     if not isinstance(spec, dict) or "class_path" not in spec:
-        raise TypeError(f"{what}: expected a dict with 'class_path' (and optional 'init_args'), got {spec!r}.")
+        raise TypeError(
+            f"{what}: expected a dict with 'class_path' (and optional 'init_args'), got {spec!r}."
+        )
     cls = import_object(spec["class_path"])
     return cls(**dict(spec.get("init_args") or {}))

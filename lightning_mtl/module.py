@@ -6,23 +6,20 @@ import math
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
-from torchmetrics import MeanMetric
+from torchmetrics import MeanMetric, MetricCollection
 
 from lightning_mtl._registry import build_from_spec
 from lightning_mtl.balancing import Balancer, create_balancer
 from lightning_mtl.heads import create_head
 from lightning_mtl.tasks import Task
 
-try:  # Python 3.12+
-    from typing import override
-except ImportError:  # pragma: no cover
-    from typing_extensions import override
+from typing_extensions import override
 
 STAGES = ("train", "val", "test")
 Features = Tensor | Mapping[str, Tensor]
@@ -104,25 +101,36 @@ class MultiTaskModule(L.LightningModule):
         if scheduler not in (None, "linear", "cosine"):
             raise ValueError(f"scheduler must be None, 'linear' or 'cosine', got {scheduler!r}.")
         self.tasks: dict[str, Task] = {t.name: t for t in task_list}
+        self.backbone: nn.Module
         self.backbone, backbone_hparam = self._build_backbone(backbone, backbone_class)
 
         dims = feature_dim if feature_dim is not None else getattr(self.backbone, "out_features", None)
-        self.heads = nn.ModuleDict({t.name: create_head(t.head_name, self._in_features(t, dims), t.out_features, **t.head_kwargs) for t in task_list})
+        self.heads = nn.ModuleDict(
+            {
+                t.name: create_head(t.head_name, self._in_features(t, dims), t.out_features, **t.head_kwargs)
+                for t in task_list
+            }
+        )
         self.loss_fns = {t.name: t.build_loss() for t in task_list}
-        self.loss_modules = nn.ModuleDict({k: v for k, v in self.loss_fns.items() if isinstance(v, nn.Module)})
+        self.loss_modules = nn.ModuleDict(
+            {k: v for k, v in self.loss_fns.items() if isinstance(v, nn.Module)}
+        )
         self.metrics = nn.ModuleDict({f"{s}_{t.name}": t.build_metrics() for s in STAGES for t in task_list})
         self.loss_means = nn.ModuleDict({f"{s}_{t.name}": MeanMetric() for s in STAGES for t in task_list})
         self.balancer = create_balancer(balancer)
         self.balancer.setup(task_list)
         if self.balancer.family != "loss":
-            raise NotImplementedError(f"Balancer family {self.balancer.family!r} is not supported by this version.")
+            raise NotImplementedError(
+                f"Balancer family {self.balancer.family!r} is not supported by this version."
+            )
         self.check_inputs = check_inputs
 
         balancer_hparam = balancer.spec() if isinstance(balancer, Balancer) else balancer
         self.save_hyperparameters(
             {
                 "backbone": backbone_hparam,
-                "backbone_class": backbone_class or f"{type(self.backbone).__module__}.{type(self.backbone).__qualname__}",
+                "backbone_class": backbone_class
+                or f"{type(self.backbone).__module__}.{type(self.backbone).__qualname__}",
                 "tasks": [t.to_dict() for t in task_list],
                 "balancer": balancer_hparam,
                 "feature_dim": dict(feature_dim) if isinstance(feature_dim, Mapping) else feature_dim,
@@ -151,15 +159,19 @@ class MultiTaskModule(L.LightningModule):
                 raise TypeError(f"backbone spec built {type(module).__name__}, which is not an nn.Module.")
             return module, dict(backbone)
         if not isinstance(backbone, nn.Module):
-            raise TypeError(f"backbone must be an nn.Module or a class_path spec, got {type(backbone).__name__}.")
-        spec = backbone.spec() if callable(getattr(backbone, "spec", None)) else None
-        return backbone, spec
+            raise TypeError(
+                f"backbone must be an nn.Module or a class_path spec, got {type(backbone).__name__}."
+            )
+        spec_fn = getattr(backbone, "spec", None)
+        return backbone, spec_fn() if callable(spec_fn) else None
 
     @staticmethod
     def _in_features(task: Task, dims: Any) -> int:
         if isinstance(dims, Mapping):
             if task.feature_key not in dims:
-                raise ValueError(f"Task {task.name!r} reads backbone feature {task.feature_key!r}, but feature_dim only has {sorted(dims)}.")
+                raise ValueError(
+                    f"Task {task.name!r} reads backbone feature {task.feature_key!r}, but feature_dim only has {sorted(dims)}."
+                )
             return int(dims[task.feature_key])
         if dims is None:
             raise ValueError(
@@ -198,12 +210,19 @@ class MultiTaskModule(L.LightningModule):
             return features
         if isinstance(features, Mapping):
             if task.feature_key not in features:
-                raise KeyError(f"Task {task.name!r} reads feature {task.feature_key!r}, but the backbone returned {sorted(features)}.")
+                raise KeyError(
+                    f"Task {task.name!r} reads feature {task.feature_key!r}, but the backbone returned {sorted(features)}."
+                )
             return features[task.feature_key]
-        raise TypeError(f"The backbone must return a tensor or a dict of tensors, got {type(features).__name__}.")
+        raise TypeError(
+            f"The backbone must return a tensor or a dict of tensors, got {type(features).__name__}."
+        )
 
     def run_heads(self, features: Features, task_names: Sequence[str] | None = None) -> dict[str, Tensor]:
-        return {n: self.heads[n](self.select_features(features, self.tasks[n])) for n in (task_names or self.tasks)}
+        return {
+            n: self.heads[n](self.select_features(features, self.tasks[n]))
+            for n in (task_names or self.tasks)
+        }
 
     @override
     def forward(self, inputs: Any) -> dict[str, Tensor]:
@@ -219,14 +238,21 @@ class MultiTaskModule(L.LightningModule):
         produced by a ``CombinedLoader`` over one dataset per task.
         """
         target_keys = {t.target_key: t.name for t in self.tasks.values()}
-        if isinstance(batch, Mapping) and batch and set(batch) <= set(self.tasks) and all(v is None or isinstance(v, Mapping) for v in batch.values()):
+        if (
+            isinstance(batch, Mapping)
+            and batch
+            and set(batch) <= set(self.tasks)
+            and all(v is None or isinstance(v, Mapping) for v in batch.values())
+        ):
             groups = []
             for name, sub in batch.items():
                 if sub is None:
                     continue
                 key = self.tasks[name].target_key
                 if key not in sub:
-                    raise KeyError(f"Task {name!r}: its batch has no target key {key!r}; keys present: {sorted(sub)}.")
+                    raise KeyError(
+                        f"Task {name!r}: its batch has no target key {key!r}; keys present: {sorted(sub)}."
+                    )
                 inputs = {k: v for k, v in sub.items() if k not in target_keys}
                 groups.append(TaskGroup(inputs, {name: sub[key]}, [name]))
             return groups
@@ -234,7 +260,9 @@ class MultiTaskModule(L.LightningModule):
             inputs, targets = batch
             unknown = set(targets) - set(self.tasks)
             if unknown:
-                raise KeyError(f"Targets for unknown task(s) {sorted(unknown)}; tasks are {sorted(self.tasks)}.")
+                raise KeyError(
+                    f"Targets for unknown task(s) {sorted(unknown)}; tasks are {sorted(self.tasks)}."
+                )
             return [TaskGroup(inputs, dict(targets), list(self.tasks))]
         if isinstance(batch, Mapping):
             inputs = {k: v for k, v in batch.items() if k not in target_keys}
@@ -248,7 +276,9 @@ class MultiTaskModule(L.LightningModule):
         )
 
     # --- losses -----------------------------------------------------------------------------------
-    def compute_losses(self, outputs: Mapping[str, Tensor], targets: Mapping[str, Tensor], stage: str) -> dict[str, Tensor]:
+    def compute_losses(
+        self, outputs: Mapping[str, Tensor], targets: Mapping[str, Tensor], stage: str
+    ) -> dict[str, Tensor]:
         """Masked per-task losses; updates the stage's metrics. A task without labels in this batch
         gets a zero loss that still touches its head (so DDP sees every parameter used)."""
         losses: dict[str, Tensor] = {}
@@ -259,7 +289,9 @@ class MultiTaskModule(L.LightningModule):
                 losses[name] = out.sum() * 0.0
                 continue
             if not isinstance(target, Tensor):
-                raise TypeError(f"Task {name!r}, target key {task.target_key!r}: expected a tensor, got {type(target).__name__}.")
+                raise TypeError(
+                    f"Task {name!r}, target key {task.target_key!r}: expected a tensor, got {type(target).__name__}."
+                )
             kind = task.kind_obj
             if self.check_inputs:
                 kind.check(task, out, target)
@@ -269,11 +301,13 @@ class MultiTaskModule(L.LightningModule):
                 continue
             loss = self.loss_fns[name](masked.loss_input, masked.loss_target)
             losses[name] = loss
-            self.metrics[f"{stage}_{name}"].update(masked.metric_preds, masked.metric_target)
-            self.loss_means[f"{stage}_{name}"].update(loss.detach().float(), weight=masked.count)
+            self._metric(stage, name).update(masked.metric_preds, masked.metric_target)
+            self._loss_mean(stage, name).update(loss.detach().float(), weight=masked.count)
         return losses
 
-    def extra_losses(self, features: Features, outputs: Mapping[str, Tensor], group: TaskGroup, stage: str) -> dict[str, Tensor]:
+    def extra_losses(
+        self, features: Features, outputs: Mapping[str, Tensor], group: TaskGroup, stage: str
+    ) -> dict[str, Tensor]:
         """Extra named loss terms (e.g. an auxiliary regulariser) added after balancing. Default: none."""
         return {}
 
@@ -303,7 +337,14 @@ class MultiTaskModule(L.LightningModule):
             total = total + sum(p.sum() * 0.0 for n in absent for p in self.heads[n].parameters())
         bs = self._batch_size(batch)
         for name, loss in losses.items():
-            self.log(f"train/{name}/loss", loss.detach(), on_step=True, on_epoch=False, prog_bar=True, batch_size=bs)
+            self.log(
+                f"train/{name}/loss",
+                loss.detach(),
+                on_step=True,
+                on_epoch=False,
+                prog_bar=True,
+                batch_size=bs,
+            )
         for name, term in extras.items():
             self.log(f"train/extra/{name}", term.detach(), on_step=True, on_epoch=False, batch_size=bs)
         for name, w in balanced.weights.items():
@@ -345,14 +386,20 @@ class MultiTaskModule(L.LightningModule):
         # Every rank computes (torchmetrics syncs the states) and logs the same keys, then resets.
         values: dict[str, Tensor] = {}
         for name in self.tasks:
-            collection = self.metrics[f"{stage}_{name}"]
-            mean = self.loss_means[f"{stage}_{name}"]
+            collection = self._metric(stage, name)
+            mean = self._loss_mean(stage, name)
             values[f"{stage}/{name}/loss"] = self._safe_compute(mean)
             for key, value in collection.items():
                 values[f"{stage}/{name}/{key}"] = self._safe_compute(value)
             collection.reset()
             mean.reset()
         self.log_dict(values, on_step=False, on_epoch=True, prog_bar=False, sync_dist=False)
+
+    def _metric(self, stage: str, task: str) -> MetricCollection:
+        return cast(MetricCollection, self.metrics[f"{stage}_{task}"])
+
+    def _loss_mean(self, stage: str, task: str) -> MeanMetric:
+        return cast(MeanMetric, self.loss_means[f"{stage}_{task}"])
 
     @staticmethod
     def _safe_compute(metric: Any) -> Tensor:
@@ -381,11 +428,15 @@ class MultiTaskModule(L.LightningModule):
     def configure_optimizers(self) -> Any:
         """AdamW over trainable parameters: backbone at ``lr``, heads and balancer at ``head_lr``;
         no weight decay on biases and norm weights; optional warm-up + linear/cosine decay."""
-        hp = self.hparams
+        hp: Any = self.hparams
         head_lr = hp.head_lr if hp.head_lr is not None else hp.lr
         groups: list[dict[str, Any]] = []
-        for modules, lr in ((self.backbone, hp.lr), (nn.ModuleList([self.heads, self.balancer, self.loss_modules]), head_lr)):
-            decay, no_decay = [], []
+        for modules, lr in (
+            (self.backbone, hp.lr),
+            (nn.ModuleList([self.heads, self.balancer, self.loss_modules]), head_lr),
+        ):
+            decay: list[nn.Parameter] = []
+            no_decay: list[nn.Parameter] = []
             for pname, p in modules.named_parameters():
                 if not p.requires_grad:
                     continue
@@ -422,11 +473,15 @@ class MultiTaskModule(L.LightningModule):
         :class:`~lightning_mtl.backbones.HFEncoder` does), a tensor, or a dict of tensors.
         Returns ``{task: [prediction per example]}`` with label names and probabilities.
         """
-        if isinstance(inputs, str) or (isinstance(inputs, Sequence) and inputs and all(isinstance(x, str) for x in inputs)):
+        if isinstance(inputs, str) or (
+            isinstance(inputs, Sequence) and inputs and all(isinstance(x, str) for x in inputs)
+        ):
             texts = [inputs] if isinstance(inputs, str) else list(inputs)
             preprocess = getattr(self.backbone, "preprocess", None)
             if preprocess is None:
-                raise TypeError(f"Raw text needs a backbone with `preprocess`; {type(self.backbone).__name__} has none. Pass tensors instead.")
+                raise TypeError(
+                    f"Raw text needs a backbone with `preprocess`; {type(self.backbone).__name__} has none. Pass tensors instead."
+                )
             chunks = [preprocess(texts[i : i + batch_size]) for i in range(0, len(texts), batch_size)]
         elif isinstance(inputs, Tensor):
             chunks = list(inputs.split(batch_size))
@@ -434,7 +489,9 @@ class MultiTaskModule(L.LightningModule):
             n = next(iter(inputs.values())).shape[0]
             chunks = [{k: v[i : i + batch_size] for k, v in inputs.items()} for i in range(0, n, batch_size)]
         else:
-            raise TypeError(f"predict() takes text, a tensor or a dict of tensors, got {type(inputs).__name__}.")
+            raise TypeError(
+                f"predict() takes text, a tensor or a dict of tensors, got {type(inputs).__name__}."
+            )
         was_training = self.training
         self.eval()
         try:
@@ -442,7 +499,11 @@ class MultiTaskModule(L.LightningModule):
             for chunk in chunks:
                 chunk = self._to_device(chunk)
                 outputs = self(chunk)
-                lengths = chunk["attention_mask"].sum(1).tolist() if isinstance(chunk, Mapping) and "attention_mask" in chunk else None
+                lengths = (
+                    chunk["attention_mask"].sum(1).tolist()
+                    if isinstance(chunk, Mapping) and "attention_mask" in chunk
+                    else None
+                )
                 for name, out in outputs.items():
                     described = self.tasks[name].describe(out)
                     if lengths is not None and self.tasks[name].kind == "token":

@@ -33,7 +33,7 @@ class Task:
         metrics: ``None`` for the kind's preset, a list of preset names to keep, or a dict
             ``name -> {"class_path": ..., "init_args": ...}`` of torchmetrics metrics.
         weight: static loss weight used by the ``static`` balancer (the default one).
-        target_key: key of the target in a batch (default: ``name``).
+        target_key: key of the target in a batch (default, or ``""``: ``name``).
         feature_key: which backbone feature the head reads when the backbone returns a dict
             (default from the kind: ``pooled``, ``tokens`` for token tasks, ``spatial`` for dense ones).
         threshold: decision threshold for ``binary``/``multilabel`` predictions and metrics.
@@ -55,8 +55,8 @@ class Task:
     loss: str | dict[str, Any] | None = None
     metrics: list[str] | dict[str, dict[str, Any]] | None = None
     weight: float = 1.0
-    target_key: str | None = None  # type: ignore[assignment]
-    feature_key: str | None = None  # type: ignore[assignment]
+    target_key: str = ""
+    feature_key: str = ""
     threshold: float = 0.5
 
     def __post_init__(self) -> None:
@@ -68,16 +68,18 @@ class Task:
             self.labels = [str(label) for label in self.labels]
             if len(set(self.labels)) != len(self.labels):
                 raise ValueError(f"Task {self.name!r}: duplicate label names in {self.labels}.")
-        if self.target_key is None:
+        if not self.target_key:
             self.target_key = self.name
-        if self.feature_key is None:
+        if not self.feature_key:
             self.feature_key = self.kind_obj.feature_key
         if self.head is None:
             self.head = self.kind_obj.default_head
         if self.weight < 0:
             raise ValueError(f"Task {self.name!r}: weight must be >= 0, got {self.weight}.")
         if isinstance(self.loss, str) and self.loss not in LOSSES:
-            raise ValueError(f"Task {self.name!r}: unknown loss {self.loss!r}; choose one of {sorted(LOSSES)} or give a class_path spec.")
+            raise ValueError(
+                f"Task {self.name!r}: unknown loss {self.loss!r}; choose one of {sorted(LOSSES)} or give a class_path spec."
+            )
         self.out_features  # noqa: B018 - validates labels / num_outputs early
 
     # --- derived --------------------------------------------------------------------------------
@@ -112,10 +114,14 @@ class Task:
         if self.metrics is None:
             return MetricCollection({k: f() for k, f in presets.items()})
         if isinstance(self.metrics, Mapping):
-            return MetricCollection({k: build_from_spec(v, f"Task {self.name!r} metric {k!r}") for k, v in self.metrics.items()})
+            return MetricCollection(
+                {k: build_from_spec(v, f"Task {self.name!r} metric {k!r}") for k, v in self.metrics.items()}
+            )
         unknown = [m for m in self.metrics if m not in presets]
         if unknown:
-            raise ValueError(f"Task {self.name!r}: unknown metric(s) {unknown}; kind {self.kind!r} offers {sorted(presets)}.")
+            raise ValueError(
+                f"Task {self.name!r}: unknown metric(s) {unknown}; kind {self.kind!r} offers {sorted(presets)}."
+            )
         return MetricCollection({k: presets[k]() for k in self.metrics})
 
     def describe(self, outputs: Tensor) -> list[dict[str, Any]]:

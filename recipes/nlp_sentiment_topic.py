@@ -99,7 +99,10 @@ class SentimentTopicData(MultiTaskDataModule):
         cache_dir: str | None = None,
     ) -> None:
         super().__init__(
-            {"sentiment": rotten_tomatoes(sentiment_source, limit=limit, seed=seed), "topic": bbc_news(topic_source, limit=limit, seed=seed)},
+            {
+                "sentiment": rotten_tomatoes(sentiment_source, limit=limit, seed=seed),
+                "topic": bbc_news(topic_source, limit=limit, seed=seed),
+            },
             TASKS,
             tokenizer=tokenizer,
             max_length={"sentiment": sentiment_max_length, "topic": topic_max_length},
@@ -112,14 +115,21 @@ class SentimentTopicData(MultiTaskDataModule):
 
 class RecipeCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.add_argument("--output_dir", type=str, default="outputs/nlp_sentiment_topic", help="Where the model and results go.")
+        parser.add_argument(
+            "--output_dir",
+            type=str,
+            default="outputs/nlp_sentiment_topic",
+            help="Where the model and results go.",
+        )
         parser.link_arguments("model.model_name_or_path", "data.tokenizer")
 
 
 def results_table(results: dict[str, dict[str, float]]) -> str:
     """A per-task table of test metrics."""
     metrics = sorted({m for r in results.values() for m in r})
-    rows = [["task", *metrics]] + [[task, *(f"{r[m]:.4f}" if m in r else "-" for m in metrics)] for task, r in results.items()]
+    rows = [["task", *metrics]] + [
+        [task, *(f"{r[m]:.4f}" if m in r else "-" for m in metrics)] for task, r in results.items()
+    ]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = [" | ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
     lines.insert(1, "-+-".join("-" * w for w in widths))
@@ -147,7 +157,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         run=False,
         args=argv,
         seed_everything_default=0,
-        trainer_defaults={"max_epochs": 2, "log_every_n_steps": 10, "num_sanity_val_steps": 0, "enable_checkpointing": False, "logger": False},
+        trainer_defaults={
+            "max_epochs": 2,
+            "log_every_n_steps": 10,
+            "num_sanity_val_steps": 0,
+            "enable_checkpointing": False,
+            "logger": False,
+        },
         save_config_callback=None,
     )
     out = Path(cli.config["output_dir"])
@@ -168,11 +184,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "wall_seconds": round(wall, 1),
             "train_sizes": {k: len(v) for k, v in data.splits["train"].items()},
             "test_sizes": {k: len(v) for k, v in data.splits["test"].items()},
-            "model": cli.config["model"].as_dict() if hasattr(cli.config["model"], "as_dict") else dict(cli.config["model"]),
-            "trainer": {"max_epochs": trainer.max_epochs, "precision": str(trainer.precision), "devices": trainer.num_devices},
+            "model": cli.config["model"].as_dict()
+            if hasattr(cli.config["model"], "as_dict")
+            else dict(cli.config["model"]),
+            "trainer": {
+                "max_epochs": trainer.max_epochs,
+                "precision": str(trainer.precision),
+                "devices": trainer.num_devices,
+            },
         }
         (out / "results.json").write_text(json.dumps(summary, indent=2))
-        print(f"\nTest results ({wall / 60:.1f} min wall):\n{results_table(test)}\n\nSaved {out / 'model.ckpt'} and {out / 'results.json'}")
+        print(
+            f"\nTest results ({wall / 60:.1f} min wall):\n{results_table(test)}\n\nSaved {out / 'model.ckpt'} and {out / 'results.json'}"
+        )
         return summary
     return {}
 

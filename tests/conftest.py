@@ -109,7 +109,12 @@ class ToyConvBackbone(nn.Module):
 
     def __init__(self, channels: int = 8) -> None:
         super().__init__()
-        self.conv = nn.Sequential(nn.Conv2d(1, channels, 3, padding=1), nn.ReLU(), nn.Conv2d(channels, channels, 3, padding=1), nn.ReLU())
+        self.conv = nn.Sequential(
+            nn.Conv2d(1, channels, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(channels, channels, 3, padding=1),
+            nn.ReLU(),
+        )
         self.out_features = channels
 
     def forward(self, image: torch.Tensor) -> dict[str, torch.Tensor]:

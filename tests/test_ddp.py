@@ -20,7 +20,12 @@ def test_ddp_two_heterogeneous_tasks(tmp_path, precision):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     env.pop("LOCAL_RANK", None)
     proc = subprocess.run(
-        [sys.executable, str(HELPER), str(tmp_path), precision], env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path
+        [sys.executable, str(HELPER), str(tmp_path), precision],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
@@ -31,6 +36,11 @@ def test_ddp_two_heterogeneous_tasks(tmp_path, precision):
     # every rank logged the same epoch-end keys for both tasks, with the same synced values
     keys = set(ranks[0]["metrics"])
     assert keys == set(ranks[1]["metrics"])
-    assert {"val/sentiment/accuracy", "val/topic/accuracy", "train/sentiment/auroc", "train/topic/macro_f1"} <= keys
+    assert {
+        "val/sentiment/accuracy",
+        "val/topic/accuracy",
+        "train/sentiment/auroc",
+        "train/topic/macro_f1",
+    } <= keys
     for key in (k for k in keys if k.startswith("val/")):
         assert ranks[0]["metrics"][key] == pytest.approx(ranks[1]["metrics"][key]), key

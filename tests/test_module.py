@@ -50,7 +50,11 @@ def test_token_kind_learns():
     module = MultiTaskModule(ToyTokenBackbone(), [Task("pos", kind="token", labels=["x", "y", "z"])], lr=1e-2)
     batch = {"input_ids": ids[:64], "pos": tags[:64]}
     before = eval_losses(module, batch)["pos"]
-    fit(module, DataLoader(DictDataset({"input_ids": ids, "pos": tags}), batch_size=32, shuffle=True), steps=80)
+    fit(
+        module,
+        DataLoader(DictDataset({"input_ids": ids, "pos": tags}), batch_size=32, shuffle=True),
+        steps=80,
+    )
     assert eval_losses(module, batch)["pos"] < 0.3 * before
     preds = module.predict({"input_ids": ids[:2]})["pos"]
     assert len(preds[0]["labels"]) == 12 and set(preds[0]["labels"]) <= {"x", "y", "z"}
@@ -63,7 +67,10 @@ def test_dense_kind_learns():
     masks[:, 0, :] = -100  # an unlabelled row of pixels
     module = MultiTaskModule(
         ToyConvBackbone(),
-        [Task("seg", kind="dense", labels=["bg", "ink"], head_kwargs={"hidden": 8}), Task("bright", kind="regression")],
+        [
+            Task("seg", kind="dense", labels=["bg", "ink"], head_kwargs={"hidden": 8}),
+            Task("bright", kind="regression"),
+        ],
         lr=1e-2,
     )
     data = {"image": images, "seg": masks, "bright": images.mean((1, 2, 3))}
@@ -114,7 +121,9 @@ def test_multilabel_masks_single_entries_and_absent_keys():
     flags = targets["flags"].clone()
     flags[0, 1] = float("nan")
     loss = module.compute_losses(outputs, {**targets, "flags": flags}, "val")["flags"]
-    expected = nn.functional.binary_cross_entropy_with_logits(outputs["flags"][~flags.isnan()], flags[~flags.isnan()])
+    expected = nn.functional.binary_cross_entropy_with_logits(
+        outputs["flags"][~flags.isnan()], flags[~flags.isnan()]
+    )
     assert torch.allclose(loss, expected)
     # an absent key: zero loss that still reaches the head (DDP needs every parameter in the graph)
     module.train()
@@ -128,8 +137,13 @@ def test_heterogeneous_datasets_each_through_the_backbone():
     data = toy_tabular(256)
     ds_risk = DictDataset({"x": data["x"][:200], "risk": data["risk"][:200]})
     ds_stay = DictDataset({"x": data["x"][128:], "stay": data["stay"][128:]})
-    module = MultiTaskModule(MLPBackbone(8, hidden=(64,), dropout=0.0), [TABULAR_TASKS[0], TABULAR_TASKS[3]], lr=1e-2)
-    loaders = {"risk": DataLoader(ds_risk, batch_size=32, shuffle=True), "stay": DataLoader(ds_stay, batch_size=16, shuffle=True)}
+    module = MultiTaskModule(
+        MLPBackbone(8, hidden=(64,), dropout=0.0), [TABULAR_TASKS[0], TABULAR_TASKS[3]], lr=1e-2
+    )
+    loaders = {
+        "risk": DataLoader(ds_risk, batch_size=32, shuffle=True),
+        "stay": DataLoader(ds_stay, batch_size=16, shuffle=True),
+    }
     groups = module.split_batch({"risk": next(iter(loaders["risk"])), "stay": None})
     assert [g.tasks for g in groups] == [["risk"]] and set(groups[0].inputs) == {"x"}
     before = eval_losses(module, {"x": data["x"], "risk": data["risk"], "stay": data["stay"]})
@@ -137,7 +151,9 @@ def test_heterogeneous_datasets_each_through_the_backbone():
     after = eval_losses(module, {"x": data["x"], "risk": data["risk"], "stay": data["stay"]})
     assert after["risk"] < 0.7 * before["risk"] and after["stay"] < 0.5 * before["stay"]
     # both tasks were logged at every step with their own key
-    assert {"train/risk/loss", "train/stay/loss", "weights/risk", "weights/stay"} <= set(trainer.callback_metrics)
+    assert {"train/risk/loss", "train/stay/loss", "weights/risk", "weights/stay"} <= set(
+        trainer.callback_metrics
+    )
 
 
 def test_datamodule_heterogeneous_validation_logs_every_task(tmp_path):
@@ -145,11 +161,25 @@ def test_datamodule_heterogeneous_validation_logs_every_task(tmp_path):
 
     data = toy_tabular(200)
     rows = lambda n, key: Dataset.from_dict({"x": data["x"][:n].tolist(), key: data[key][:n].tolist()})  # noqa: E731
-    dm = MultiTaskDataModule({"risk": rows(200, "risk"), "stay": rows(60, "stay")}, [TABULAR_TASKS[0], TABULAR_TASKS[3]], batch_size=16)
-    module = MultiTaskModule(MLPBackbone(8, hidden=(32,), dropout=0.0), [TABULAR_TASKS[0], TABULAR_TASKS[3]], lr=1e-2)
+    dm = MultiTaskDataModule(
+        {"risk": rows(200, "risk"), "stay": rows(60, "stay")},
+        [TABULAR_TASKS[0], TABULAR_TASKS[3]],
+        batch_size=16,
+    )
+    module = MultiTaskModule(
+        MLPBackbone(8, hidden=(32,), dropout=0.0), [TABULAR_TASKS[0], TABULAR_TASKS[3]], lr=1e-2
+    )
     trainer = fit(module, dm, steps=20, max_epochs=2)
     result = trainer.validate(module, dm, verbose=False)[0]
-    assert {"val/risk/accuracy", "val/risk/f1", "val/risk/auroc", "val/risk/loss", "val/stay/mae", "val/stay/rmse", "val/stay/r2"} <= set(result)
+    assert {
+        "val/risk/accuracy",
+        "val/risk/f1",
+        "val/risk/auroc",
+        "val/risk/loss",
+        "val/stay/mae",
+        "val/stay/rmse",
+        "val/stay/r2",
+    } <= set(result)
     assert all(math.isfinite(v) for v in result.values())
 
 
@@ -171,7 +201,9 @@ def test_live_backbone_without_spec_needs_it_again(tmp_path):
     trainer.save_checkpoint(tmp_path / "m.ckpt")
     with pytest.raises(ValueError, match=r"load_from_checkpoint\(path, backbone="):
         MultiTaskModule.load_from_checkpoint(tmp_path / "m.ckpt", weights_only=True)
-    loaded = MultiTaskModule.load_from_checkpoint(tmp_path / "m.ckpt", weights_only=True, backbone=nn.Sequential(nn.Linear(8, 4), nn.ReLU()))
+    loaded = MultiTaskModule.load_from_checkpoint(
+        tmp_path / "m.ckpt", weights_only=True, backbone=nn.Sequential(nn.Linear(8, 4), nn.ReLU())
+    )
     x = torch.randn(4, 8)
     assert loaded.predict(x) == module.predict(x)
 
@@ -184,7 +216,10 @@ def test_predict_formats():
     r = preds["risk"][0]
     assert r["label"] in {"low", "high"} and r["probabilities"]["high"] == pytest.approx(r["probability"])
     assert sum(preds["group"][0]["probabilities"].values()) == pytest.approx(1.0)
-    assert set(preds["flags"][0]["labels"]) <= {"f0", "f1"} and set(preds["flags"][0]["probabilities"]) == {"f0", "f1"}
+    assert set(preds["flags"][0]["labels"]) <= {"f0", "f1"} and set(preds["flags"][0]["probabilities"]) == {
+        "f0",
+        "f1",
+    }
     assert isinstance(preds["stay"][0]["value"], float)
     assert module.training  # predict restores the mode
 
@@ -200,7 +235,9 @@ def test_subclass_extra_loss_changes_training():
     data = {k: v for k, v in toy_tabular(256).items() if k in ("x", "risk")}
     loader = DataLoader(DictDataset(data), batch_size=32)
     torch.manual_seed(0)
-    plain = MultiTaskModule(MLPBackbone(8, hidden=(32,), dropout=0.0, norm=False), [TABULAR_TASKS[0]], lr=1e-2)
+    plain = MultiTaskModule(
+        MLPBackbone(8, hidden=(32,), dropout=0.0, norm=False), [TABULAR_TASKS[0]], lr=1e-2
+    )
     sub = copy.deepcopy(plain)
     sub.__class__ = FeatureDecayModule
     fit(plain, loader, steps=40)
@@ -215,9 +252,13 @@ def test_subclass_extra_loss_changes_training():
 def test_bad_targets_give_clear_errors():
     module = tabular_module()
     x = torch.randn(4, 8)
-    with pytest.raises(ValueError, match=r"Task 'group', target key 'group': class id 7 is out of range for 3 classes"):
+    with pytest.raises(
+        ValueError, match=r"Task 'group', target key 'group': class id 7 is out of range for 3 classes"
+    ):
         module.shared_step({"x": x, "group": torch.tensor([0, 1, 7, 2])}, "train")
-    with pytest.raises(ValueError, match=r"Task 'risk', target key 'risk': expected shape \[batch\] = \[4\], got \(4, 2\)"):
+    with pytest.raises(
+        ValueError, match=r"Task 'risk', target key 'risk': expected shape \[batch\] = \[4\], got \(4, 2\)"
+    ):
         module.shared_step({"x": x, "risk": torch.zeros(4, 2)}, "train")
     with pytest.raises(ValueError, match=r"Task 'group'.*expected integer class ids"):
         module.shared_step({"x": x, "group": torch.zeros(4)}, "train")
@@ -230,7 +271,9 @@ def test_bad_targets_give_clear_errors():
     with pytest.raises(TypeError, match=r"batch keys \['extra', 'x'\].*input_keys"):
         module.shared_step({"x": x, "extra": x, "risk": torch.zeros(4)}, "train")
     chosen = MultiTaskModule(MLPBackbone(8), TABULAR_TASKS, input_keys=["x"])
-    assert set(chosen.shared_step({"x": x, "extra": x, "risk": torch.zeros(4)}, "train")[0]) == set(chosen.tasks)
+    assert set(chosen.shared_step({"x": x, "extra": x, "risk": torch.zeros(4)}, "train")[0]) == set(
+        chosen.tasks
+    )
 
 
 def test_construction_errors():

@@ -85,16 +85,21 @@ class HFEncoder(nn.Module):
         if pooling not in POOLINGS:
             raise ValueError(f"HFEncoder pooling must be one of {POOLINGS}, got {pooling!r}.")
         if model_name_or_path is None and config is None:
-            raise ValueError("HFEncoder needs `model_name_or_path` (pretrained weights) or `config` (random init).")
+            raise ValueError(
+                "HFEncoder needs `model_name_or_path` (pretrained weights) or `config` (random init)."
+            )
         self.source = model_name_or_path
         self.tokenizer_ref = tokenizer or model_name_or_path
         self.pooling = pooling
         self.max_length = int(max_length)
+        self.model: Any
         if config is not None:
             cfg = dict(config)
             model_type = cfg.pop("model_type", None)
             if model_type is None:
-                raise ValueError("HFEncoder config must contain 'model_type' (e.g. 'bert'); use PretrainedConfig.to_dict().")
+                raise ValueError(
+                    "HFEncoder config must contain 'model_type' (e.g. 'bert'); use PretrainedConfig.to_dict()."
+                )
             hf_config = AutoConfig.for_model(model_type, **cfg)
             self.model = self._without_pooler(lambda **kw: AutoModel.from_config(hf_config, **kw))
         else:
@@ -155,7 +160,9 @@ class HFEncoder(nn.Module):
         """The tokenizer, loaded on first use from ``tokenizer_ref``."""
         if self._tokenizer is None:
             if self.tokenizer_ref is None:
-                raise ValueError("This HFEncoder was built from a config without `tokenizer=`; it cannot tokenise text.")
+                raise ValueError(
+                    "This HFEncoder was built from a config without `tokenizer=`; it cannot tokenise text."
+                )
             from transformers import AutoTokenizer
 
             self._tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(self.tokenizer_ref))
@@ -167,7 +174,9 @@ class HFEncoder(nn.Module):
             texts = [texts]
         if not all(isinstance(t, str) for t in texts):
             raise TypeError("HFEncoder.preprocess expects a string or a list of strings.")
-        enc = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+        enc = self.tokenizer(
+            list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+        )
         return {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
 
     # --- forward ----------------------------------------------------------------------------------

@@ -16,13 +16,29 @@ class MLPBackbone(nn.Module):
         torch.Size([4, 16])
     """
 
-    def __init__(self, in_features: int, hidden: tuple[int, ...] | list[int] = (256, 256), dropout: float = 0.1, norm: bool = True) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        hidden: tuple[int, ...] | list[int] = (256, 256),
+        dropout: float = 0.1,
+        norm: bool = True,
+    ) -> None:
         super().__init__()
-        self._args = {"in_features": int(in_features), "hidden": [int(h) for h in hidden], "dropout": float(dropout), "norm": bool(norm)}
+        self._args = {
+            "in_features": int(in_features),
+            "hidden": [int(h) for h in hidden],
+            "dropout": float(dropout),
+            "norm": bool(norm),
+        }
         layers: list[nn.Module] = []
         width = in_features
         for h in hidden:
-            layers += [nn.Linear(width, h), *([nn.LayerNorm(h)] if norm else []), nn.ReLU(), nn.Dropout(dropout)]
+            layers += [
+                nn.Linear(width, h),
+                *([nn.LayerNorm(h)] if norm else []),
+                nn.ReLU(),
+                nn.Dropout(dropout),
+            ]
             width = h
         self.net = nn.Sequential(*layers)
         self.out_features = width

@@ -74,7 +74,10 @@ class Balancer(nn.Module):
         return {}
 
     def spec(self) -> dict[str, Any]:
-        return {"class_path": f"{type(self).__module__}.{type(self).__qualname__}", "init_args": self.config()}
+        return {
+            "class_path": f"{type(self).__module__}.{type(self).__qualname__}",
+            "init_args": self.config(),
+        }
 
     @staticmethod
     def weighted_sum(losses: Mapping[str, Tensor], weights: Mapping[str, float | Tensor]) -> Balanced:
@@ -100,7 +103,7 @@ def register_balancer(name: str) -> Callable[[type[Balancer]], type[Balancer]]:
     return BALANCER_REGISTRY.register(name)
 
 
-def list_balancers(filter: str | None = None) -> list[str]:  # noqa: A002
+def list_balancers(filter: str | None = None) -> list[str]:
     """Registered balancer names, optionally filtered with an fnmatch pattern.
 
     Example:

@@ -63,7 +63,10 @@ class MultiTaskCollator:
         dtype = kind.target_dtype
         missing: float = math.nan if dtype.is_floating_point else IGNORE_INDEX
         if task.kind == "token":
-            seqs = [torch.full((1,), IGNORE_INDEX) if v is None else _as_tensor(v, task.target_key).long() for v in values]
+            seqs = [
+                torch.full((1,), IGNORE_INDEX) if v is None else _as_tensor(v, task.target_key).long()
+                for v in values
+            ]
             return _pad(seqs, IGNORE_INDEX)
         present = [v for v in values if not _is_missing(v)]
         if not present:
@@ -79,7 +82,9 @@ class MultiTaskCollator:
             else:
                 t = _as_tensor(v, task.target_key)
                 if t.shape != template.shape:
-                    raise ValueError(f"Task {task.name!r}, key {task.target_key!r}: labels of different shapes {tuple(template.shape)} and {tuple(t.shape)} in one batch.")
+                    raise ValueError(
+                        f"Task {task.name!r}, key {task.target_key!r}: labels of different shapes {tuple(template.shape)} and {tuple(t.shape)} in one batch."
+                    )
                 if t.is_floating_point() and not dtype.is_floating_point:
                     t = torch.where(torch.isnan(t), torch.full_like(t, IGNORE_INDEX), t)
                 rows.append(t.to(dtype))
@@ -96,7 +101,9 @@ def _as_tensor(value: Any, key: str) -> Tensor:
     try:
         return torch.as_tensor(value)
     except (TypeError, ValueError, RuntimeError) as err:
-        raise TypeError(f"Key {key!r}: cannot make a tensor of {type(value).__name__} {value!r:.60}: {err}") from None
+        raise TypeError(
+            f"Key {key!r}: cannot make a tensor of {type(value).__name__} {value!r:.60}: {err}"
+        ) from None
 
 
 def _pad(seqs: list[Tensor], value: int) -> Tensor:

@@ -9,7 +9,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.utilities import CombinedLoader
-from torch.utils.data import DataLoader, Dataset, Subset, random_split
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from lightning_mtl.data.collate import MultiTaskCollator
 from lightning_mtl.kinds import IGNORE_INDEX
@@ -70,14 +70,18 @@ class MultiTaskDataModule(L.LightningDataModule):
         if train_mode not in TRAIN_MODES:
             raise ValueError(f"train_mode must be one of {TRAIN_MODES}, got {train_mode!r}.")
         if not 0 <= val_fraction < 1 or not 0 <= test_fraction < 1 or val_fraction + test_fraction >= 1:
-            raise ValueError(f"val_fraction={val_fraction} and test_fraction={test_fraction} must be in [0, 1) and sum below 1.")
+            raise ValueError(
+                f"val_fraction={val_fraction} and test_fraction={test_fraction} must be in [0, 1) and sum below 1."
+            )
         self.tasks = [Task.coerce(t) for t in tasks]
         self.task_by_name = {t.name: t for t in self.tasks}
         self.heterogeneous = _is_per_task(datasets, self.task_by_name)
         if self.heterogeneous:
             unknown = set(datasets) - set(self.task_by_name)
             if unknown:
-                raise KeyError(f"Datasets given for unknown task(s) {sorted(unknown)}; tasks are {sorted(self.task_by_name)}.")
+                raise KeyError(
+                    f"Datasets given for unknown task(s) {sorted(unknown)}; tasks are {sorted(self.task_by_name)}."
+                )
         self.raw = dict(datasets) if self.heterogeneous else {"__all__": datasets}
         self._tokenizer = tokenizer
         self.text_key = text_key
@@ -135,10 +139,17 @@ class MultiTaskDataModule(L.LightningDataModule):
 
     def _random_split(self, data: Any, wanted: list[str]) -> dict[str, Any]:
         n = len(data)
-        sizes = {"val": int(round(n * self.val_fraction)) if "val" in wanted else 0, "test": int(round(n * self.test_fraction)) if "test" in wanted else 0}
+        sizes = {
+            "val": round(n * self.val_fraction) if "val" in wanted else 0,
+            "test": round(n * self.test_fraction) if "test" in wanted else 0,
+        }
         sizes["train"] = n - sizes["val"] - sizes["test"]
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed)).tolist()
-        bounds = {"train": perm[: sizes["train"]], "val": perm[sizes["train"] : sizes["train"] + sizes["val"]], "test": perm[sizes["train"] + sizes["val"] :]}
+        bounds = {
+            "train": perm[: sizes["train"]],
+            "val": perm[sizes["train"] : sizes["train"] + sizes["val"]],
+            "test": perm[sizes["train"] + sizes["val"] :],
+        }
         out = {}
         for split in ("train", *wanted):
             idx = sorted(bounds[split])
@@ -150,14 +161,20 @@ class MultiTaskDataModule(L.LightningDataModule):
         if not hasattr(ds, "map") or not hasattr(ds, "column_names"):
             return ds
         tasks = [self.task_by_name[name]] if name in self.task_by_name else self.tasks
-        label_maps = {t.target_key: {lab: i for i, lab in enumerate(t.labels)} for t in tasks if t.labels and t.target_key in ds.column_names}
+        label_maps = {
+            t.target_key: {lab: i for i, lab in enumerate(t.labels)}
+            for t in tasks
+            if t.labels and t.target_key in ds.column_names
+        }
         token_tasks = [t for t in tasks if t.kind == "token" and t.target_key in ds.column_names]
         tok = self.tokenizer if self._tokenizer is not None else None
         text_key = self.text_key if self.text_key in ds.column_names else None
         if tok is None and not label_maps:
             return ds
         if tok is not None and text_key is None and "tokens" not in ds.column_names:
-            raise KeyError(f"Task {name!r} ({split}): no text column {self.text_key!r} (nor 'tokens') to tokenise; columns: {ds.column_names}.")
+            raise KeyError(
+                f"Task {name!r} ({split}): no text column {self.text_key!r} (nor 'tokens') to tokenise; columns: {ds.column_names}."
+            )
         max_length = int(self._per(self.max_length, name))
 
         def encode(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
@@ -172,7 +189,10 @@ class MultiTaskDataModule(L.LightningDataModule):
                 enc = tok(batch["tokens"], is_split_into_words=True, truncation=True, max_length=max_length)
                 for t in token_tasks:
                     mapping = label_maps.get(t.target_key, {})
-                    out[t.target_key] = [_align(enc.word_ids(i), tags, mapping, name) for i, tags in enumerate(batch[t.target_key])]
+                    out[t.target_key] = [
+                        _align(enc.word_ids(i), tags, mapping, name)
+                        for i, tags in enumerate(batch[t.target_key])
+                    ]
             else:
                 enc = tok(batch[text_key], truncation=True, max_length=max_length)  # type: ignore[index]
             for k in ("input_ids", "attention_mask", "token_type_ids"):
@@ -186,9 +206,23 @@ class MultiTaskDataModule(L.LightningDataModule):
             from datasets.fingerprint import Hasher
 
             os.makedirs(self.cache_dir, exist_ok=True)
-            key = Hasher.hash([ds._fingerprint if not _in_memory(ds) else ds.to_dict(), getattr(tok, "name_or_path", None), max_length, label_maps])
+            key = Hasher.hash(
+                [
+                    ds._fingerprint if not _in_memory(ds) else ds.to_dict(),
+                    getattr(tok, "name_or_path", None),
+                    max_length,
+                    label_maps,
+                ]
+            )
             cache_file = os.path.join(self.cache_dir, f"{name.strip('_')}-{split}-{key}.arrow")
-        return ds.map(encode, batched=True, remove_columns=drop, cache_file_name=cache_file, load_from_cache_file=cache_file is not None, desc=f"tokenising {name}/{split}")
+        return ds.map(
+            encode,
+            batched=True,
+            remove_columns=drop,
+            cache_file_name=cache_file,
+            load_from_cache_file=cache_file is not None,
+            desc=f"tokenising {name}/{split}",
+        )
 
     # --- loaders ----------------------------------------------------------------------------------
     def collator(self) -> MultiTaskCollator:
@@ -197,7 +231,11 @@ class MultiTaskDataModule(L.LightningDataModule):
         return MultiTaskCollator(self.tasks, pad_token_id=pad)
 
     def _loader(self, ds: Any, name: str, train: bool) -> DataLoader:
-        bs = int(self._per(self.batch_size, name)) if train or self.eval_batch_size is None else int(self.eval_batch_size)
+        bs = (
+            int(self._per(self.batch_size, name))
+            if train or self.eval_batch_size is None
+            else int(self.eval_batch_size)
+        )
         if not train and hasattr(ds, "column_names") and "input_ids" in ds.column_names:
             ds = _sorted_by_length(ds)  # less padding at evaluation; order does not matter there
         return DataLoader(
@@ -213,10 +251,14 @@ class MultiTaskDataModule(L.LightningDataModule):
     def _combined(self, split: str, mode: str) -> Any:
         if not self.splits:
             self.setup()
-        loaders = {name: self._loader(ds, name, split == "train") for name, ds in self.splits[split].items() if len(ds) > 0}
+        loaders = {
+            name: self._loader(ds, name, split == "train")
+            for name, ds in self.splits[split].items()
+            if len(ds) > 0
+        }
         if not self.heterogeneous:
             return loaders.get("__all__", [])
-        return CombinedLoader(loaders, mode=mode) if loaders else []
+        return CombinedLoader(loaders, mode=mode) if loaders else []  # type: ignore[arg-type]
 
     def train_dataloader(self) -> Any:
         return self._combined("train", self.train_mode)
@@ -234,9 +276,7 @@ class MultiTaskDataModule(L.LightningDataModule):
 def _is_per_task(datasets: Any, tasks: Mapping[str, Task]) -> bool:
     if not isinstance(datasets, Mapping) or isinstance(datasets, Dataset):
         return False
-    if type(datasets).__name__ == "DatasetDict" or set(datasets) <= set(SPLIT_NAMES):
-        return False
-    return True
+    return not (type(datasets).__name__ == "DatasetDict" or set(datasets) <= set(SPLIT_NAMES))
 
 
 def _in_memory(ds: Any) -> bool:
@@ -246,7 +286,9 @@ def _in_memory(ds: Any) -> bool:
 def _encode_label(value: Any, mapping: Mapping[str, int], task: str, key: str) -> Any:
     if isinstance(value, str):
         if value not in mapping:
-            raise ValueError(f"Task {task!r}, key {key!r}: label {value!r} is not one of the task's labels {list(mapping)}.")
+            raise ValueError(
+                f"Task {task!r}, key {key!r}: label {value!r} is not one of the task's labels {list(mapping)}."
+            )
         return mapping[value]
     if isinstance(value, list):
         return [_encode_label(v, mapping, task, key) for v in value]

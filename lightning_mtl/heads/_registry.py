@@ -29,7 +29,7 @@ def register_head(name: str) -> Callable[[type[nn.Module]], type[nn.Module]]:
     return HEAD_REGISTRY.register(name)
 
 
-def list_heads(filter: str | None = None) -> list[str]:  # noqa: A002
+def list_heads(filter: str | None = None) -> list[str]:
     """Registered head names, optionally filtered with an fnmatch pattern.
 
     Example:

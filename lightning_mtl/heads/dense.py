@@ -29,5 +29,7 @@ class DenseHead(nn.Module):
 
     def forward(self, features: Tensor) -> Tensor:
         if features.dim() != 4:
-            raise ValueError(f"DenseHead expects feature maps [batch, channels, h, w], got {tuple(features.shape)}.")
+            raise ValueError(
+                f"DenseHead expects feature maps [batch, channels, h, w], got {tuple(features.shape)}."
+            )
         return self.net(features)  # type: ignore[no-any-return]

@@ -18,7 +18,12 @@ class MLPHead(nn.Module):
     """
 
     def __init__(
-        self, in_features: int, out_features: int, hidden: int = 256, num_layers: int = 1, dropout: float = 0.1
+        self,
+        in_features: int,
+        out_features: int,
+        hidden: int = 256,
+        num_layers: int = 1,
+        dropout: float = 0.1,
     ) -> None:
         super().__init__()
         if num_layers < 1:

@@ -2,7 +2,15 @@
 from its ``kind``. Add a kind by subclassing :class:`TaskKind` and decorating it with
 :func:`register_kind`."""
 
-from lightning_mtl.kinds.base import IGNORE_INDEX, LOSSES, Masked, TaskKind, get_kind, list_kinds, register_kind
+from lightning_mtl.kinds.base import (
+    IGNORE_INDEX,
+    LOSSES,
+    Masked,
+    TaskKind,
+    get_kind,
+    list_kinds,
+    register_kind,
+)
 from lightning_mtl.kinds.binary import Binary
 from lightning_mtl.kinds.dense import Dense
 from lightning_mtl.kinds.multiclass import Multiclass

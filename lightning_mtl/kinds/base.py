@@ -31,7 +31,7 @@ def get_kind(name: str) -> TaskKind:
     return KIND_REGISTRY.get(name)()
 
 
-def list_kinds(filter: str | None = None) -> list[str]:  # noqa: A002
+def list_kinds(filter: str | None = None) -> list[str]:
     """Names of the registered task kinds, e.g. ``['binary', 'dense', ...]``."""
     return KIND_REGISTRY.list(filter)
 

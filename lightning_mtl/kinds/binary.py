@@ -33,7 +33,9 @@ class Binary(TaskKind):
 
     def num_outputs(self, task: Task) -> int:
         if task.labels is not None and len(task.labels) != 2:
-            raise ValueError(f"Task {task.name!r} is binary: `labels` must name 2 classes, got {task.labels}.")
+            raise ValueError(
+                f"Task {task.name!r} is binary: `labels` must name 2 classes, got {task.labels}."
+            )
         return 1
 
     def metric_presets(self, task: Task) -> dict[str, Callable[[], Metric]]:
@@ -48,24 +50,33 @@ class Binary(TaskKind):
         if outputs.dim() == 2 and outputs.shape[1] == 1:
             return outputs[:, 0]
         if outputs.dim() != 1:
-            raise ValueError(f"Task {task.name!r}: a binary head must output [batch] or [batch, 1], got {tuple(outputs.shape)}.")
+            raise ValueError(
+                f"Task {task.name!r}: a binary head must output [batch] or [batch, 1], got {tuple(outputs.shape)}."
+            )
         return outputs
 
     def check(self, task: Task, outputs: Tensor, target: Tensor) -> None:
         if target.dim() == 2 and target.shape[1] == 1:
             target = target[:, 0]
         if target.shape != (outputs.shape[0],):
-            raise self._error(task, f"expected shape [batch] = [{outputs.shape[0]}], got {tuple(target.shape)}.")
+            raise self._error(
+                task, f"expected shape [batch] = [{outputs.shape[0]}], got {tuple(target.shape)}."
+            )
         valid = target[~missing_mask(target)]
         if valid.numel() and not bool(((valid == 0) | (valid == 1)).all()):
-            raise self._error(task, f"binary targets must be 0 or 1 (NaN or -100 when missing), got values {valid.unique()[:5].tolist()}.")
+            raise self._error(
+                task,
+                f"binary targets must be 0 or 1 (NaN or -100 when missing), got values {valid.unique()[:5].tolist()}.",
+            )
 
     def mask(self, task: Task, outputs: Tensor, target: Tensor) -> Masked:
         logits = self._flat(task, outputs)
         target = target.reshape(-1)
         keep = ~missing_mask(target)
         logits, target = logits[keep], target[keep]
-        return Masked(logits, target.float(), torch.sigmoid(logits.detach().float()), target.long(), int(keep.sum()))
+        return Masked(
+            logits, target.float(), torch.sigmoid(logits.detach().float()), target.long(), int(keep.sum())
+        )
 
     def postprocess(self, task: Task, outputs: Tensor) -> Tensor:
         return torch.sigmoid(self._flat(task, outputs).float())

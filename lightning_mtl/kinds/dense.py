@@ -41,9 +41,14 @@ class Dense(TaskKind):
 
     def check(self, task: Task, outputs: Tensor, target: Tensor) -> None:
         if outputs.dim() != 4:
-            raise ValueError(f"Task {task.name!r}: a dense head must output [batch, C, h, w], got {tuple(outputs.shape)}.")
+            raise ValueError(
+                f"Task {task.name!r}: a dense head must output [batch, C, h, w], got {tuple(outputs.shape)}."
+            )
         if target.dim() != 3 or target.shape[0] != outputs.shape[0]:
-            raise self._error(task, f"expected a class map of shape [batch, H, W] with batch={outputs.shape[0]}, got {tuple(target.shape)}.")
+            raise self._error(
+                task,
+                f"expected a class map of shape [batch, H, W] with batch={outputs.shape[0]}, got {tuple(target.shape)}.",
+            )
         self._check_class_range(task, target, outputs.shape[1])
 
     def _resize(self, outputs: Tensor, size: tuple[int, int]) -> Tensor:

@@ -36,7 +36,10 @@ class Multiclass(TaskKind):
 
     def check(self, task: Task, outputs: Tensor, target: Tensor) -> None:
         if target.shape != (outputs.shape[0],):
-            raise self._error(task, f"expected class ids of shape [batch] = [{outputs.shape[0]}], got {tuple(target.shape)}.")
+            raise self._error(
+                task,
+                f"expected class ids of shape [batch] = [{outputs.shape[0]}], got {tuple(target.shape)}.",
+            )
         self._check_class_range(task, target, outputs.shape[-1])
 
     def mask(self, task: Task, outputs: Tensor, target: Tensor) -> Masked:

@@ -34,12 +34,17 @@ class Multilabel(TaskKind):
         c, t = self.num_outputs(task), task.threshold
         return {
             "accuracy": lambda: MultilabelAccuracy(num_labels=c, threshold=t, ignore_index=IGNORE_INDEX),
-            "macro_f1": lambda: MultilabelF1Score(num_labels=c, threshold=t, average="macro", ignore_index=IGNORE_INDEX),
+            "macro_f1": lambda: MultilabelF1Score(
+                num_labels=c, threshold=t, average="macro", ignore_index=IGNORE_INDEX
+            ),
         }
 
     def check(self, task: Task, outputs: Tensor, target: Tensor) -> None:
         if target.shape != outputs.shape:
-            raise self._error(task, f"expected shape [batch, num_labels] = {list(outputs.shape)}, got {tuple(target.shape)}.")
+            raise self._error(
+                task,
+                f"expected shape [batch, num_labels] = {list(outputs.shape)}, got {tuple(target.shape)}.",
+            )
         valid = target[~missing_mask(target)]
         if valid.numel() and not bool(((valid == 0) | (valid == 1)).all()):
             raise self._error(task, "multilabel targets must be 0 or 1 (NaN or -100 when missing).")

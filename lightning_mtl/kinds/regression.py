@@ -51,9 +51,13 @@ class Regression(TaskKind):
         outputs, flat = self._shape(outputs, target)
         if target.dim() == 0 or flat.shape != outputs.shape:
             want = "[batch]" if outputs.shape[1] == 1 else f"[batch, {outputs.shape[1]}]"
-            raise self._error(task, f"expected shape {want} with batch={outputs.shape[0]}, got {tuple(target.shape)}.")
+            raise self._error(
+                task, f"expected shape {want} with batch={outputs.shape[0]}, got {tuple(target.shape)}."
+            )
         if not target.is_floating_point():
-            raise self._error(task, f"regression targets must be floating point (NaN when missing), got {target.dtype}.")
+            raise self._error(
+                task, f"regression targets must be floating point (NaN when missing), got {target.dtype}."
+            )
 
     def mask(self, task: Task, outputs: Tensor, target: Tensor) -> Masked:
         outputs, target = self._shape(outputs, target)

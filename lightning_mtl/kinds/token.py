@@ -42,7 +42,10 @@ class Token(TaskKind):
 
     def check(self, task: Task, outputs: Tensor, target: Tensor) -> None:
         if target.shape != outputs.shape[:-1]:
-            raise self._error(task, f"expected token labels of shape [batch, seq] = {list(outputs.shape[:-1])}, got {tuple(target.shape)}.")
+            raise self._error(
+                task,
+                f"expected token labels of shape [batch, seq] = {list(outputs.shape[:-1])}, got {tuple(target.shape)}.",
+            )
         self._check_class_range(task, target, outputs.shape[-1])
 
     def mask(self, task: Task, outputs: Tensor, target: Tensor) -> Masked:

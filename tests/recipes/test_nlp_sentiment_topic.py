@@ -25,11 +25,21 @@ def load_recipe():
 def test_recipe_fast_mode(tmp_path, tiny_bert_dir):
     recipe = load_recipe()
     out = tmp_path / "out"
-    summary = recipe.main(["--fast", f"--model.model_name_or_path={tiny_bert_dir}", "--model.freeze_layers=1", f"--output_dir={out}"])
+    summary = recipe.main(
+        [
+            "--fast",
+            f"--model.model_name_or_path={tiny_bert_dir}",
+            "--model.freeze_layers=1",
+            f"--output_dir={out}",
+        ]
+    )
     assert set(summary["test"]) == {"sentiment", "topic"}
     assert {"accuracy", "f1", "auroc", "loss"} <= set(summary["test"]["sentiment"])
     assert {"accuracy", "macro_f1", "loss"} <= set(summary["test"]["topic"])
-    assert summary["train_sizes"] == {"sentiment": 76, "topic": 76}  # --fast keeps 96 per task: 96 - 10 val - 10 test
+    assert summary["train_sizes"] == {
+        "sentiment": 76,
+        "topic": 76,
+    }  # --fast keeps 96 per task: 96 - 10 val - 10 test
     saved = json.loads((out / "results.json").read_text())
     assert saved["test"] == summary["test"]
     assert (out / "config.yaml").read_text().count("model_name_or_path") == 1
@@ -37,7 +47,13 @@ def test_recipe_fast_mode(tmp_path, tiny_bert_dir):
     model = MultiTaskModule.load_from_checkpoint(out / "model.ckpt", weights_only=True)
     preds = model.predict(["a tedious, joyless film about the stock market"])
     assert preds["sentiment"][0]["label"] in {"rotten", "fresh"}
-    assert set(preds["topic"][0]["probabilities"]) == {"business", "entertainment", "politics", "sport", "tech"}
+    assert set(preds["topic"][0]["probabilities"]) == {
+        "business",
+        "entertainment",
+        "politics",
+        "sport",
+        "tech",
+    }
     torch.load(out / "model.ckpt", weights_only=True)
 
 
@@ -46,5 +62,12 @@ def test_recipe_help_lists_overrides(capsys):
     with pytest.raises(SystemExit):
         recipe.main(["--help"])
     text = capsys.readouterr().out
-    for flag in ("--trainer.devices", "--trainer.precision", "--trainer.max_epochs", "--model.model_name_or_path", "--model.balancer", "--data.sentiment_source"):
+    for flag in (
+        "--trainer.devices",
+        "--trainer.precision",
+        "--trainer.max_epochs",
+        "--model.model_name_or_path",
+        "--model.balancer",
+        "--data.sentiment_source",
+    ):
         assert flag in text
