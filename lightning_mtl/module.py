@@ -13,13 +13,12 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics import MeanMetric, MetricCollection
+from typing_extensions import override
 
 from lightning_mtl._registry import build_from_spec
 from lightning_mtl.balancing import Balancer, create_balancer
 from lightning_mtl.heads import create_head
 from lightning_mtl.tasks import Task
-
-from typing_extensions import override
 
 STAGES = ("train", "val", "test")
 Features = Tensor | Mapping[str, Tensor]
