@@ -135,7 +135,9 @@ class HFEncoder(nn.Module):
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
         try:
-            model, info = cls._without_pooler(lambda **kw: auto_model.from_pretrained(path, output_loading_info=True, **kw))
+            model, info = cls._without_pooler(
+                lambda **kw: auto_model.from_pretrained(path, output_loading_info=True, **kw)
+            )
         finally:
             hf_logging.set_verbosity(verbosity)
             hf_logging.enable_progress_bar()

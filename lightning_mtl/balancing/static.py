@@ -36,6 +36,12 @@ class StaticWeighting(Balancer):
         super().setup(tasks)
         names = {t.name for t in tasks}
         if self._explicit:
+            weighted = {t.name: t.weight for t in tasks if t.weight != 1.0}
+            if weighted:
+                raise ValueError(
+                    f"StaticWeighting got explicit weights {self.weights} and tasks {weighted} also set Task.weight; "
+                    "give the weights in one place only."
+                )
             unknown = set(self.weights) - names
             missing = names - set(self.weights)
             if unknown or missing:

@@ -43,10 +43,12 @@ class MultiTaskCollator:
                 raise TypeError(f"Each example must be a dict of inputs and labels, got {type(ex).__name__}.")
             keys += [k for k in ex if k not in keys]
         batch: dict[str, Tensor] = {}
+        ids = [ex.get("input_ids") for ex in examples]
+        width = max((len(v) for v in ids if v is not None), default=0)
         for key in keys:
             values = [ex.get(key) for ex in examples]
             if key in self.by_key:
-                batch[key] = self._targets(self.by_key[key], values)
+                batch[key] = self._targets(self.by_key[key], values, width)
             elif key == "input_ids":
                 batch[key] = _pad([_as_tensor(v, key) for v in values], self.pad_token_id)
             elif key in PAD_ZERO_KEYS:
@@ -58,20 +60,23 @@ class MultiTaskCollator:
                     continue  # strings, ragged metadata: not model inputs
         return batch
 
-    def _targets(self, task: Task, values: list[Any]) -> Tensor:
+    def _targets(self, task: Task, values: list[Any], width: int) -> Tensor:
+        """Stack one task's labels; ``width`` is the padded ``input_ids`` length (token labels match it)."""
         kind = task.kind_obj
         dtype = kind.target_dtype
         missing: float = math.nan if dtype.is_floating_point else IGNORE_INDEX
         if task.kind == "token":
             seqs = [
-                torch.full((1,), IGNORE_INDEX) if v is None else _as_tensor(v, task.target_key).long()
+                torch.full((max(width, 1),), IGNORE_INDEX)
+                if v is None
+                else _as_tensor(v, task.target_key).long()
                 for v in values
             ]
-            return _pad(seqs, IGNORE_INDEX)
+            return _pad(seqs, IGNORE_INDEX, min_length=width)
         present = [v for v in values if not _is_missing(v)]
         if not present:
             shape: tuple[int, ...] = (len(values),)
-            if task.kind == "multilabel":
+            if task.kind == "multilabel" or (task.kind == "regression" and task.out_features > 1):
                 shape = (len(values), task.out_features)
             return torch.full(shape, missing, dtype=dtype)
         template = _as_tensor(present[0], task.target_key)
@@ -106,8 +111,8 @@ def _as_tensor(value: Any, key: str) -> Tensor:
         ) from None
 
 
-def _pad(seqs: list[Tensor], value: int) -> Tensor:
-    length = max(int(s.shape[0]) for s in seqs)
+def _pad(seqs: list[Tensor], value: int, min_length: int = 0) -> Tensor:
+    length = max(min_length, *(int(s.shape[0]) for s in seqs))
     out = torch.full((len(seqs), length, *seqs[0].shape[1:]), value, dtype=seqs[0].dtype)
     for i, s in enumerate(seqs):
         out[i, : s.shape[0]] = s

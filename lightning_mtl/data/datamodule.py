@@ -17,6 +17,7 @@ from lightning_mtl.tasks import Task
 
 SPLIT_NAMES = {"train": "train", "validation": "val", "val": "val", "test": "test"}
 TRAIN_MODES = ("max_size_cycle", "min_size", "max_size")
+CACHE_VERSION = 1  # bump when the encoding below changes, so old cache files are not reused
 
 
 class MultiTaskDataModule(L.LightningDataModule):
@@ -212,6 +213,10 @@ class MultiTaskDataModule(L.LightningDataModule):
                     getattr(tok, "name_or_path", None),
                     max_length,
                     label_maps,
+                    text_key,
+                    drop,
+                    [t.target_key for t in token_tasks],
+                    CACHE_VERSION,
                 ]
             )
             cache_file = os.path.join(self.cache_dir, f"{name.strip('_')}-{split}-{key}.arrow")

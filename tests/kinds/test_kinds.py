@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 from torchmetrics import Metric, MetricCollection
@@ -106,10 +105,6 @@ def test_list_kinds_filter():
     assert set(list_kinds()) >= {"binary", "multiclass", "multilabel", "regression", "token", "dense"}
 
 
-@pytest.mark.xfail(
-    reason="BUG: TaskKind.name is never set (the registry sets registry_name), so the error says kind ''",
-    strict=True,
-)
 def test_missing_labels_error_names_the_kind():
     with pytest.raises(ValueError, match=r"Task 't' \(kind 'multiclass'\) needs `labels=\[...\]`"):
         Task("t", kind="multiclass")
@@ -165,7 +160,9 @@ def test_regression_check():
     assert "got ()" in _check_error(task, out, torch.tensor(1.0))
     assert "must be floating point" in _check_error(task, out, torch.zeros(4, dtype=torch.long))
     wide = make_task("regression", labels=None, num_outputs=2)
-    assert "expected shape [batch, 2] with batch=4, got (4,)" in _check_error(wide, torch.zeros(4, 2), torch.zeros(4))
+    assert "expected shape [batch, 2] with batch=4, got (4,)" in _check_error(
+        wide, torch.zeros(4, 2), torch.zeros(4)
+    )
     task.kind_obj.check(task, out, torch.tensor([1.0, NAN, 3.0, 4.0]))
     wide.kind_obj.check(wide, torch.zeros(4, 2), torch.zeros(4, 2))
 
@@ -286,7 +283,9 @@ def test_dense_mask_same_size():
     assert masked.count == 6
     assert masked.loss_input.shape == (6, 2)
     assert masked.loss_target.tolist() == [0, 1, 1, 1, 1, 0]
-    assert torch.equal(masked.loss_input[0], out[0, :, 0, 0]) and torch.equal(masked.loss_input[-1], out[1, :, 1, 0])
+    assert torch.equal(masked.loss_input[0], out[0, :, 0, 0]) and torch.equal(
+        masked.loss_input[-1], out[1, :, 1, 0]
+    )
 
 
 def test_dense_mask_resizes_small_outputs_to_the_target():
