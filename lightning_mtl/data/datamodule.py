@@ -12,6 +12,7 @@ from lightning.pytorch.utilities import CombinedLoader
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from lightning_mtl.data.collate import MultiTaskCollator
+from lightning_mtl.data.samplers import LengthGroupedSampler
 from lightning_mtl.kinds import IGNORE_INDEX
 from lightning_mtl.tasks import Task
 
@@ -38,6 +39,8 @@ class MultiTaskDataModule(L.LightningDataModule):
         val_fraction, test_fraction, seed: random split of datasets that come without those splits.
         train_mode: how per-task training loaders are combined: ``max_size_cycle`` (default: the
             longest epoch; shorter datasets cycle), ``min_size`` or ``max_size``.
+        group_by_length: batch tokenised training examples of similar length together
+            (:class:`~lightning_mtl.data.samplers.LengthGroupedSampler`), which cuts padding.
         cache_dir: where tokenised datasets are cached (``None``: datasets' own cache for file-backed
             datasets, none for in-memory ones).
 
@@ -66,6 +69,7 @@ class MultiTaskDataModule(L.LightningDataModule):
         num_workers: int = 0,
         train_mode: str = "max_size_cycle",
         cache_dir: str | None = None,
+        group_by_length: bool = True,
     ) -> None:
         super().__init__()
         if train_mode not in TRAIN_MODES:
@@ -93,6 +97,7 @@ class MultiTaskDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.train_mode = train_mode
         self.cache_dir = cache_dir
+        self.group_by_length = group_by_length
         self.splits: dict[str, dict[str, Any]] = {}
 
     # --- preparation ------------------------------------------------------------------------------
@@ -241,12 +246,17 @@ class MultiTaskDataModule(L.LightningDataModule):
             if train or self.eval_batch_size is None
             else int(self.eval_batch_size)
         )
-        if not train and hasattr(ds, "column_names") and "input_ids" in ds.column_names:
+        tokenised = hasattr(ds, "column_names") and "input_ids" in ds.column_names
+        sampler = None
+        if not train and tokenised:
             ds = _sorted_by_length(ds)  # less padding at evaluation; order does not matter there
+        elif train and tokenised and self.group_by_length:
+            sampler = LengthGroupedSampler([len(x) for x in ds["input_ids"]], bs, seed=self.seed)
         return DataLoader(
             ds,
             batch_size=bs,
-            shuffle=train,
+            shuffle=train and sampler is None,
+            sampler=sampler,
             collate_fn=self.collator(),
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
