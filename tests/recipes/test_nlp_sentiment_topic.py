@@ -31,6 +31,7 @@ def test_recipe_fast_mode(tmp_path, tiny_bert_dir):
             f"--model.model_name_or_path={tiny_bert_dir}",
             "--model.freeze_layers=1",
             f"--output_dir={out}",
+            f"--zoo_dir={tmp_path / 'zoo'}",
         ]
     )
     assert set(summary["test"]) == {"sentiment", "topic"}
@@ -55,6 +56,15 @@ def test_recipe_fast_mode(tmp_path, tiny_bert_dir):
         "tech",
     }
     torch.load(out / "model.ckpt", weights_only=True)
+    # the exported zoo entry stores only the trained tensors, references its base, and predicts the same
+    entry = tmp_path / "zoo" / "nlp-sentiment-topic"
+    config = json.loads((entry / "config.json").read_text())
+    assert config["base"]["ref"] == str(tiny_bert_dir)
+    assert config["metrics"]["topic"]["accuracy"] == pytest.approx(summary["test"]["topic"]["accuracy"])
+    assert not any(name.startswith("backbone.model.embeddings") for name in config["weights"]["tensors"])
+    reloaded = MultiTaskModule.from_pretrained(entry)
+    text = ["a tedious, joyless film about the stock market"]
+    assert reloaded.predict(text) == model.predict(text)
 
 
 def test_recipe_help_lists_overrides(capsys):
