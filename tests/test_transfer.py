@@ -1,0 +1,258 @@
+"""Transfer learning: add_task on a trained module, freezing, fine-tuning on the new task only, reloading."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import TABULAR_TASKS, DictDataset, fit, toy_tabular
+from torch.utils.data import DataLoader
+
+from lightning_mtl import MultiTaskModule, Task
+from lightning_mtl.backbones import MLPBackbone
+from lightning_mtl.balancing.static import StaticWeighting
+from lightning_mtl.hub import from_pretrained, save_pretrained
+
+OLD = ["risk", "stay"]
+NEW_LABELS = ["a", "b", "c"]
+
+
+def new_task(**kwargs) -> Task:
+    return Task("new", kind="multiclass", labels=NEW_LABELS, **kwargs)
+
+
+def build(**kwargs) -> MultiTaskModule:
+    torch.manual_seed(0)
+    return MultiTaskModule(
+        MLPBackbone(8, hidden=(32,), dropout=0.0), [TABULAR_TASKS[0], TABULAR_TASKS[3]], lr=1e-2, **kwargs
+    )
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models train fastest on one thread (and far faster than on two when the CPU is shared)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def trained_state(one_thread) -> dict[str, torch.Tensor]:
+    """Weights of the two-task module (risk, stay) after a short training run."""
+    module = build()
+    data = {k: v for k, v in toy_tabular(256).items() if k in ("x", *OLD)}
+    fit(module, DataLoader(DictDataset(data), batch_size=64, shuffle=True), steps=40)
+    return {k: v.clone() for k, v in module.state_dict().items()}
+
+
+@pytest.fixture
+def trained(trained_state) -> MultiTaskModule:
+    module = build()
+    module.load_state_dict(trained_state)
+    return module
+
+
+def build_trained_like(module: MultiTaskModule) -> MultiTaskModule:
+    other = build()
+    other.load_state_dict({k: v for k, v in module.state_dict().items() if not k.startswith("heads.new.")})
+    return other
+
+
+def new_data(n: int = 256, seed: int = 1) -> dict[str, torch.Tensor]:
+    """Only the inputs and the new task's labels: the old tasks' targets are absent (masked)."""
+    data = toy_tabular(n, seed=seed)
+    return {"x": data["x"], "new": data["group"]}
+
+
+def new_loss(module: MultiTaskModule, batch: dict[str, torch.Tensor]) -> float:
+    was_training = module.training
+    module.eval()
+    with torch.no_grad():
+        losses, _ = module.shared_step(batch, "test")
+    module.train(was_training)
+    return float(losses["new"])
+
+
+def snapshot(module: MultiTaskModule, prefix: str) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items() if k.startswith(prefix)}
+
+
+def unchanged(before: dict[str, torch.Tensor], module: MultiTaskModule) -> bool:
+    state = module.state_dict()
+    return bool(before) and all(torch.equal(v, state[k]) for k, v in before.items())
+
+
+def fine_tune(module: MultiTaskModule, steps: int = 60):
+    return fit(module, DataLoader(DictDataset(new_data()), batch_size=64, shuffle=True), steps=steps)
+
+
+@pytest.mark.parametrize("freeze", [True, "all", "backbone", False])
+def test_add_task_fine_tunes_the_new_head(trained, freeze):
+    old_backbone = snapshot(trained, "backbone.")
+    old_heads = {n: snapshot(trained, f"heads.{n}.") for n in OLD}
+    trained.add_task(new_task(), freeze=freeze)
+    assert list(trained.tasks) == [*OLD, "new"]
+    new_head = snapshot(trained, "heads.new.")
+    held_out = new_data(128, seed=7)
+    before = new_loss(trained, held_out)
+
+    trainer = fine_tune(trained)
+
+    after = new_loss(trained, held_out)
+    assert after < 0.7 * before, (before, after)
+    assert not unchanged(new_head, trained)  # the new head trained
+    # the old tasks had no labels all along: their epoch metrics are NaN, not a crash (AUROC has no samples)
+    assert math.isnan(float(trainer.callback_metrics["train/risk/auroc"]))
+    assert float(trainer.callback_metrics["train/new/accuracy"]) > 0.5
+    optimized = {id(p) for g in trainer.optimizers[0].param_groups for p in g["params"]}
+    old_head_params = [p for n in OLD for p in trained.heads[n].parameters()]
+    if freeze in (True, "all"):
+        assert unchanged(old_backbone, trained)
+        assert all(unchanged(old_heads[n], trained) for n in OLD)
+        assert not any(p.requires_grad for p in trained.backbone.parameters())
+        assert not any(p.requires_grad for p in old_head_params)
+        assert optimized == {id(p) for p in trained.heads["new"].parameters()}
+    elif freeze == "backbone":
+        assert unchanged(old_backbone, trained)
+        assert not any(p.requires_grad for p in trained.backbone.parameters())
+        assert all(p.requires_grad and id(p) in optimized for p in old_head_params)  # old heads still train
+    else:
+        assert not unchanged(old_backbone, trained)
+        assert all(p.requires_grad for p in trained.parameters())
+
+
+def test_checkpoint_after_add_task_reloads_weights_only(trained, tmp_path):
+    trained.add_task(new_task(), freeze=True)
+    trainer = fine_tune(trained, steps=5)
+    path = tmp_path / "m.ckpt"
+    trainer.save_checkpoint(path)
+    loaded = MultiTaskModule.load_from_checkpoint(path, weights_only=True)
+    assert list(loaded.tasks) == [*OLD, "new"]
+    assert loaded.tasks["new"] == trained.tasks["new"]
+    x = toy_tabular(16, seed=3)["x"]
+    assert loaded.predict(x) == trained.predict(x)
+    assert set(loaded.predict(x)) == {*OLD, "new"}
+
+
+def test_hub_round_trip_keeps_the_new_task(trained, tmp_path):
+    trained.add_task(new_task(head="mlp", head_kwargs={"hidden": 16}))
+    path = save_pretrained(trained, tmp_path / "artifact")
+    loaded = from_pretrained(path)
+    assert list(loaded.tasks) == [*OLD, "new"]
+    assert loaded.tasks["new"] == trained.tasks["new"]
+    x = toy_tabular(16, seed=3)["x"]
+    assert loaded.predict(x) == trained.predict(x)
+
+
+def test_predict_returns_the_new_task_with_its_labels(trained):
+    trained.add_task(new_task())
+    preds = trained.predict(toy_tabular(5, seed=3)["x"])
+    assert set(preds) == {*OLD, "new"}
+    assert len(preds["new"]) == 5
+    assert all(p["label"] in NEW_LABELS for p in preds["new"])
+    assert set(preds["new"][0]["probabilities"]) == set(NEW_LABELS)
+    # the old tasks' predictions are those of the trained module
+    assert preds["risk"] == build_trained_like(trained).predict(toy_tabular(5, seed=3)["x"])["risk"]
+
+
+def test_duplicate_name_and_bad_freeze_raise_and_change_nothing(trained):
+    state = {k: v.clone() for k, v in trained.state_dict().items()}
+    with pytest.raises(ValueError, match="already exists"):
+        trained.add_task(Task("risk", kind="binary", labels=["no", "yes"]))
+    with pytest.raises(ValueError, match="already exists"):
+        trained.add_task({"name": "stay", "kind": "regression"})
+    with pytest.raises(ValueError, match="freeze must be"):
+        trained.add_task(new_task(), freeze="heads")
+    assert list(trained.tasks) == OLD and list(trained.heads) == OLD
+    assert [t["name"] for t in trained.hparams["tasks"]] == OLD
+    assert sorted(trained.metrics) == sorted(f"{s}_{n}" for s in ("train", "val", "test") for n in OLD)
+    assert trained.state_dict().keys() == state.keys()
+    assert all(p.requires_grad for p in trained.parameters())
+
+
+def test_add_task_from_dict_builds_loss_metrics_and_loss_means_for_every_stage(trained):
+    trained.add_task(new_task().to_dict())
+    assert isinstance(trained.tasks["new"], Task)
+    for stage in ("train", "val", "test"):
+        assert set(trained.metrics[f"{stage}_new"]) == set(new_task().build_metrics())
+        assert f"{stage}_new" in trained.loss_means
+    batch = new_data(32)
+    with torch.no_grad():
+        losses, _ = trained.shared_step(batch, "val")
+    assert set(losses) == {*OLD, "new"}
+    assert float(losses["new"]) > 0 and float(losses["risk"]) == 0.0  # absent targets are masked
+    assert float(trained.loss_means["val_new"].compute()) == pytest.approx(float(losses["new"]))
+    assert 0.0 <= float(trained.metrics["val_new"].compute()["accuracy"]) <= 1.0
+    assert trained.hparams["tasks"][-1] == new_task().to_dict()
+
+
+def test_static_balancer_picks_up_the_new_weight(trained):
+    trained.add_task(new_task(weight=3.0))
+    assert trained.balancer.task_names == [*OLD, "new"]
+    balanced = trained.balancer(
+        {"risk": torch.tensor(1.0), "stay": torch.tensor(1.0), "new": torch.tensor(2.0)}
+    )
+    assert float(balanced.loss) == pytest.approx(8.0)
+    assert float(balanced.weights["new"]) == 3.0
+
+
+def test_failed_balancer_setup_leaves_the_module_unchanged():
+    torch.manual_seed(0)
+    module = MultiTaskModule(
+        MLPBackbone(8, hidden=(16,)),
+        [TABULAR_TASKS[0], TABULAR_TASKS[3]],
+        balancer=StaticWeighting({"risk": 1.0, "stay": 2.0}),
+    )
+    with pytest.raises(ValueError, match="missing"):
+        module.add_task(new_task())
+    assert list(module.tasks) == OLD and list(module.heads) == OLD
+    assert [t["name"] for t in module.hparams["tasks"]] == OLD
+    assert module.balancer.task_names == OLD
+    balanced = module.balancer({"risk": torch.tensor(1.0), "stay": torch.tensor(1.0)})
+    assert float(balanced.loss) == pytest.approx(3.0)
+
+
+def test_new_modules_follow_the_module_dtype(trained):
+    trained.to(torch.float64)
+    trained.add_task(new_task(), freeze="backbone")
+    assert {p.dtype for p in trained.heads["new"].parameters()} == {torch.float64}
+    assert {p.device for p in trained.heads["new"].parameters()} == {trained.device}
+    preds = trained.predict(toy_tabular(4, seed=3)["x"].double())
+    assert len(preds["new"]) == 4
+
+
+def test_feature_dim_sizes_the_new_head():
+    torch.manual_seed(0)
+    module = MultiTaskModule(torch.nn.Sequential(torch.nn.Linear(8, 6)), [TABULAR_TASKS[0]], feature_dim=6)
+    module.add_task(new_task())
+    assert module.heads["new"](torch.zeros(2, 6)).shape == (2, 3)
+
+
+def test_remove_task(trained, tmp_path):
+    trained.add_task(new_task())
+    x = toy_tabular(8, seed=3)["x"]
+    expected = trained.predict(x)
+    trained.remove_task("stay")
+    assert list(trained.tasks) == ["risk", "new"] and list(trained.heads) == ["risk", "new"]
+    assert trained.balancer.task_names == ["risk", "new"]
+    assert not any(k.startswith("heads.stay.") for k in trained.state_dict())
+    assert not any(k.endswith("_stay") for k in (*trained.metrics, *trained.loss_means))
+    loaded = from_pretrained(save_pretrained(trained, tmp_path / "artifact"))
+    assert list(loaded.tasks) == ["risk", "new"]
+    assert loaded.predict(x) == {k: v for k, v in expected.items() if k != "stay"}
+    with pytest.raises(KeyError, match="No task"):
+        trained.remove_task("stay")
+    trained.remove_task("new")
+    with pytest.raises(ValueError, match="at least one"):
+        trained.remove_task("risk")
+
+
+def test_freeze_all_but(trained):
+    trained.freeze_all_but(["stay"])
+    trainable = {n for n, p in trained.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith("heads.stay.") for n in trainable)
+    assert trainable == {f"heads.stay.{n}" for n, _ in trained.heads["stay"].named_parameters()}
+    with pytest.raises(KeyError, match="Unknown task"):
+        trained.freeze_all_but(["nope"])
