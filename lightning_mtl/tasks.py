@@ -13,6 +13,9 @@ from torchmetrics import MetricCollection
 from lightning_mtl._registry import build_from_spec
 from lightning_mtl.kinds import LOSSES, TaskKind, get_kind, list_kinds
 
+STAGES = ("train", "val", "test")
+"""The splits that get their own metrics per task."""
+
 
 @dataclass
 class Task:

@@ -1,0 +1,166 @@
+"""Transfer learning on a trained multi-task module: add, remove and isolate tasks.
+
+Mixed into :class:`~lightning_mtl.MultiTaskModule`; kept apart so the module itself stays small.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+from torchmetrics import MeanMetric
+
+from lightning_mtl.heads import create_head
+from lightning_mtl.tasks import STAGES, Task
+
+if TYPE_CHECKING:
+    from lightning_mtl.balancing import Balancer
+
+
+class TransferMixin:
+    """``add_task`` / ``remove_task`` / ``freeze_all_but`` for :class:`~lightning_mtl.MultiTaskModule`."""
+
+    # provided by MultiTaskModule
+    tasks: dict[str, Task]
+    backbone: nn.Module
+    heads: nn.ModuleDict
+    loss_fns: dict[str, Any]
+    loss_modules: nn.ModuleDict
+    metrics: nn.ModuleDict
+    loss_means: nn.ModuleDict
+    balancer: Balancer
+    hparams: Any
+    device: torch.device
+
+    @staticmethod
+    def _in_features(task: Task, dims: Any) -> int:
+        raise NotImplementedError
+
+    def add_task(self, task: Task | Mapping[str, Any], *, freeze: bool | str = False) -> None:
+        """Add a task to a (trained) module: a fresh head sized like the constructor sizes them, its loss,
+        and its metrics and loss mean for every stage. The balancer is set up again with all tasks (so the
+        ``static`` one picks up ``Task.weight``) and ``hparams["tasks"]`` gains the task, so checkpoints
+        and :meth:`save_pretrained` artifacts written afterwards reload with it.
+
+        Args:
+            task: a :class:`~lightning_mtl.Task` or its dict; its name must be new (else ``ValueError``).
+            freeze: which existing parameters stop training (``requires_grad=False``): ``False`` changes
+                nothing (a fresh or loaded module trains everything); ``True`` or ``"all"`` freezes the
+                backbone, the old heads and their losses, so only the new head trains; ``"backbone"``
+                freezes the backbone, the old heads still train. ``module.unfreeze()`` undoes it.
+
+        Call it between fits, identically on every process: the optimizer (and DDP's gradient buckets)
+        are built by ``trainer.fit``, so the next ``fit`` trains the new head. Resuming the *old* run's
+        checkpoint with ``ckpt_path=`` does not fit the new parameters; load its weights first instead.
+        Freezing is not saved: a reloaded module trains everything again. If anything fails (e.g. a
+        balancer with explicit per-task weights), the module is left unchanged.
+
+        Example:
+            >>> from lightning_mtl import MultiTaskModule
+            >>> from lightning_mtl.backbones import MLPBackbone
+            >>> module = MultiTaskModule(MLPBackbone(4, hidden=(8,)), [Task("stay", kind="regression")])
+            >>> module.add_task(Task("risk", kind="binary", labels=["low", "high"]), freeze=True)
+            >>> list(module.tasks), [t["name"] for t in module.hparams["tasks"]]
+            (['stay', 'risk'], ['stay', 'risk'])
+            >>> [n for n, p in module.named_parameters() if p.requires_grad]
+            ['heads.risk.proj.weight', 'heads.risk.proj.bias']
+        """
+        if not (isinstance(freeze, bool) or freeze in ("all", "backbone")):
+            raise ValueError(f"freeze must be False, True, 'all' or 'backbone', got {freeze!r}.")
+        new = Task.coerce(task)
+        if new.name in self.tasks:
+            raise ValueError(f"Task {new.name!r} already exists; the tasks are {list(self.tasks)}.")
+        device, dtype = self._parameter_placement()
+        dims = self.hparams.get("feature_dim")
+        if dims is None:
+            dims = getattr(self.backbone, "out_features", None)
+        head = create_head(new.head_name, self._in_features(new, dims), new.out_features, **new.head_kwargs)
+        head.to(device=device, dtype=dtype)
+        loss_fn = new.build_loss()
+        if isinstance(loss_fn, nn.Module):
+            loss_fn.to(device=device, dtype=dtype)
+        metrics = {s: new.build_metrics().to(device) for s in STAGES}
+        self._setup_balancer([*self.tasks.values(), new])
+
+        self.tasks[new.name] = new
+        self.heads[new.name] = head
+        self.loss_fns[new.name] = loss_fn
+        if isinstance(loss_fn, nn.Module):
+            self.loss_modules[new.name] = loss_fn
+        for stage in STAGES:
+            self.metrics[f"{stage}_{new.name}"] = metrics[stage]
+            self.loss_means[f"{stage}_{new.name}"] = MeanMetric().to(device)
+        self.hparams["tasks"] = [*self.hparams["tasks"], new.to_dict()]
+        if freeze == "backbone":
+            self.backbone.requires_grad_(False)
+        elif freeze is True or freeze == "all":
+            self.freeze_all_but([new.name])
+
+    def remove_task(self, name: str) -> None:
+        """Drop a task: its head, loss, metrics and loss means; the balancer is set up again with the
+        remaining tasks and ``hparams["tasks"]`` loses it. The last task cannot be removed.
+
+        Example:
+            >>> from lightning_mtl import MultiTaskModule
+            >>> from lightning_mtl.backbones import MLPBackbone
+            >>> tasks = [Task("stay", kind="regression"), Task("cost", kind="regression")]
+            >>> module = MultiTaskModule(MLPBackbone(4, hidden=(8,)), tasks)
+            >>> module.remove_task("cost")
+            >>> list(module.tasks), list(module.heads), len(module.hparams["tasks"])
+            (['stay'], ['stay'], 1)
+        """
+        if name not in self.tasks:
+            raise KeyError(f"No task {name!r}; the tasks are {list(self.tasks)}.")
+        if len(self.tasks) == 1:
+            raise ValueError(f"Cannot remove {name!r}: a MultiTaskModule needs at least one Task.")
+        self._setup_balancer([t for n, t in self.tasks.items() if n != name])
+        del self.tasks[name]
+        del self.heads[name]
+        self.loss_fns.pop(name)
+        if name in self.loss_modules:
+            del self.loss_modules[name]
+        for stage in STAGES:
+            del self.metrics[f"{stage}_{name}"]
+            del self.loss_means[f"{stage}_{name}"]
+        self.hparams["tasks"] = [t for t in self.hparams["tasks"] if t["name"] != name]
+
+    def freeze_all_but(self, task_names: Sequence[str]) -> None:
+        """Train only the heads (and loss modules) of ``task_names``: the backbone and every other head
+        get ``requires_grad=False``, the named ones ``True``. The balancer is left as it is.
+
+        Example:
+            >>> from lightning_mtl import MultiTaskModule
+            >>> from lightning_mtl.backbones import MLPBackbone
+            >>> tasks = [Task("stay", kind="regression"), Task("cost", kind="regression")]
+            >>> module = MultiTaskModule(MLPBackbone(4, hidden=(8,)), tasks)
+            >>> module.freeze_all_but(["cost"])
+            >>> sorted({n.split(".")[1] for n, p in module.named_parameters() if p.requires_grad})
+            ['cost']
+        """
+        names = [task_names] if isinstance(task_names, str) else list(task_names)
+        unknown = [n for n in names if n not in self.tasks]
+        if unknown:
+            raise KeyError(f"Unknown task(s) {unknown}; the tasks are {list(self.tasks)}.")
+        self.backbone.requires_grad_(False)
+        for modules in (self.heads, self.loss_modules):
+            for n, m in modules.items():
+                m.requires_grad_(n in names)
+
+    def _setup_balancer(self, tasks: list[Task]) -> None:
+        """Set the balancer up for ``tasks``; on failure set it up again for the current tasks and re-raise."""
+        try:
+            self.balancer.setup(tasks)
+        except Exception:
+            self.balancer.setup(list(self.tasks.values()))
+            raise
+        self.balancer.to(self._parameter_placement()[0])
+
+    def _parameter_placement(self) -> tuple[torch.device, torch.dtype]:
+        """Device and floating dtype of the existing heads (else the backbone), for new modules."""
+        for params in (self.heads.parameters(), self.backbone.parameters()):
+            for p in params:
+                if p.is_floating_point():
+                    return p.device, p.dtype
+        return self.device, torch.get_default_dtype()
