@@ -204,8 +204,8 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _format_prediction(pred: dict[str, Any]) -> str:
-    if "label" in pred:  # the probability of the label shown (binary `probability` is the positive class's)
-        probability = (pred.get("probabilities") or {}).get(pred["label"], pred.get("probability"))
+    if "label" in pred:  # `probability` is that of the label shown
+        probability = pred.get("probability")
         return f"{pred['label']} ({probability:.3f})" if probability is not None else str(pred["label"])
     if "value" in pred:
         return f"{pred['value']:.4g}"

@@ -214,7 +214,7 @@ def test_predict_formats():
     assert set(preds) == {"risk", "group", "flags", "stay"}
     assert all(len(v) == 3 for v in preds.values())
     r = preds["risk"][0]
-    assert r["label"] in {"low", "high"} and r["probabilities"]["high"] == pytest.approx(r["probability"])
+    assert r["label"] in {"low", "high"} and r["probabilities"][r["label"]] == pytest.approx(r["probability"])
     assert sum(preds["group"][0]["probabilities"].values()) == pytest.approx(1.0)
     assert set(preds["flags"][0]["labels"]) <= {"f0", "f1"} and set(preds["flags"][0]["probabilities"]) == {
         "f0",

@@ -84,10 +84,11 @@ class Binary(TaskKind):
     def describe(self, task: Task, probs: Tensor) -> list[dict[str, Any]]:
         out = []
         for p in probs.tolist():
+            positive = p >= task.threshold
             out.append(
                 {
-                    "label": self._label(task, int(p >= task.threshold)),
-                    "probability": p,
+                    "label": self._label(task, int(positive)),
+                    "probability": p if positive else 1.0 - p,  # of the predicted label, as for multiclass
                     "probabilities": {self._label(task, 0): 1.0 - p, self._label(task, 1): p},
                 }
             )

@@ -333,7 +333,8 @@ def test_binary_postprocess_and_describe():
     for d, p in zip(described, probs.tolist()):
         assert set(d["probabilities"]) == {"ham", "spam"}
         assert sum(d["probabilities"].values()) == pytest.approx(1.0)
-        assert d["probability"] == pytest.approx(p) == pytest.approx(d["probabilities"]["spam"])
+        assert d["probabilities"]["spam"] == pytest.approx(p)
+        assert d["probability"] == pytest.approx(d["probabilities"][d["label"]])  # of the predicted label
 
 
 def test_binary_describe_without_labels_uses_indices():
