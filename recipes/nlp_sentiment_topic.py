@@ -16,8 +16,8 @@ the zoo entry ``<zoo_dir>/nlp-sentiment-topic`` (``config.json`` + ``model.safet
 by default into the checkout's ``zoo/``).
 
 Why these defaults (measured on 2 CPU cores): one forward pass of the 6-layer encoder over the 12.8k
-snippets takes minutes, so the embeddings and the bottom 4 layers stay frozen (no backward through
-them) and the top 2 layers + heads train for one epoch; snippets are cut at 64 tokens (95 % fit) and
+snippets takes minutes, so the embeddings and the bottom 3 layers stay frozen (no backward through
+them, no dropout) and the top 3 layers + heads train for one epoch; snippets are cut at 64 tokens (95 % fit) and
 articles at 64 (the headline and first sentences carry the topic); training batches are grouped by
 length to cut padding; the topic task (2.2k articles) takes batches of 8 beside the sentiment's 32 so
 that ``max_size_cycle`` pairing does not double the cost.
@@ -82,7 +82,7 @@ class SentimentTopicModule(MultiTaskModule):
         self,
         model_name_or_path: str = PACKAGED_MINILM,
         pooling: str = "mean",
-        freeze_layers: int = 4,
+        freeze_layers: int = 3,
         balancer: str = "static",
         lr: float = 2e-4,
         head_lr: float = 1e-3,

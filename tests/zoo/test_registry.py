@@ -366,6 +366,7 @@ def test_repo_entry_schema(folder):
     assert folder.name in zoo.list_models()
 
 
+@pytest.mark.slow  # loads the entry's pretrained base (e.g. the 88 MB packaged MiniLM)
 @pytest.mark.parametrize("folder", WITH_WEIGHTS, ids=lambda p: p.name)
 def test_repo_entry_loads_and_predicts(folder):
     module = zoo.load(folder.name)
