@@ -145,7 +145,7 @@ def save_pretrained(
     config: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
         "library": {"name": LIBRARY_NAME, "version": lightning_mtl.__version__},
-        "module_class": f"{type(module).__module__}.{type(module).__qualname__}",
+        "module_class": _importable_class(module),
         "hparams": hparams,
         "preprocessing": preprocessing,
         "metrics": _clean_metrics(metrics, tasks),
@@ -169,6 +169,21 @@ def save_pretrained(
         _write_text(tmp / CONFIG_NAME, json.dumps(config, indent=2, allow_nan=False) + "\n")
         _write_text(tmp / CARD_NAME, _render_card(config, target.name))
     return target
+
+
+def _importable_class(module: nn.Module) -> str:
+    """Dotted path of the module's class, or of its nearest base that can be imported by that path
+    (a class defined in a script run as ``__main__`` cannot be)."""
+    for cls in type(module).__mro__:
+        path = f"{cls.__module__}.{cls.__qualname__}"
+        if cls.__module__ == "__main__" or "<locals>" in cls.__qualname__:
+            continue
+        try:
+            if import_object(path) is cls:
+                return path
+        except ImportError:
+            continue
+    return "lightning_mtl.module.MultiTaskModule"
 
 
 def _json_hparams(module: nn.Module, config_path: Path) -> dict[str, Any]:

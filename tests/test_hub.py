@@ -445,3 +445,17 @@ def test_export_checkpoint_refuses_a_non_lightning_file(tmp_path):
     torch.save({"weights": torch.zeros(2)}, tmp_path / "plain.pt")
     with pytest.raises(ArtifactError, match="not a Lightning checkpoint"):
         export_checkpoint(tmp_path / "plain.pt", tmp_path / "out")
+
+
+def test_module_class_of_a_script_subclass_is_its_importable_base(tmp_path):
+    # A subclass defined in a script run as __main__ cannot be imported by name: record its base instead.
+    namespace: dict = {"__name__": "__main__", "MultiTaskModule": MultiTaskModule}
+    exec("class ScriptModule(MultiTaskModule):\n    pass\n", namespace)
+    from lightning_mtl.backbones import MLPBackbone
+
+    module = namespace["ScriptModule"](MLPBackbone(4, hidden=(8,)), [Task("risk", kind="binary")])
+    path = save_pretrained(module, tmp_path / "a")
+    assert (
+        json.loads((path / "config.json").read_text())["module_class"]
+        == "lightning_mtl.module.MultiTaskModule"
+    )
