@@ -393,7 +393,8 @@ class MultiTaskModule(HubMixin, TransferMixin, L.LightningModule):
                 values[f"{stage}/{name}/{key}"] = self._safe_compute(value)
             collection.reset()
             mean.reset()
-        self.log_dict(values, on_step=False, on_epoch=True, prog_bar=False, sync_dist=False)
+        # The values are already global; sync_dist only averages identical numbers (and silences Lightning's hint).
+        self.log_dict(values, on_step=False, on_epoch=True, prog_bar=False, sync_dist=True)
 
     def _metric(self, stage: str, task: str) -> MetricCollection:
         return cast(MetricCollection, self.metrics[f"{stage}_{task}"])

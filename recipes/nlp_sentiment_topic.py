@@ -205,8 +205,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     test_metrics = trainer.test(model, datamodule=data, verbose=False)
     test = per_task(test_metrics[0] if test_metrics else {}, "test")
     wall = time.perf_counter() - start
+    trainer.save_checkpoint(out / "model.ckpt", weights_only=True)  # every rank: it synchronises them
     if trainer.is_global_zero:
-        trainer.save_checkpoint(out / "model.ckpt", weights_only=True)
         summary = {
             "recipe": "nlp_sentiment_topic",
             "test": test,

@@ -81,3 +81,30 @@ def test_recipe_help_lists_overrides(capsys):
         "--data.sentiment_source",
     ):
         assert flag in text
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_recipe_fast_mode_under_ddp(tmp_path, tiny_bert_dir):
+    """`--trainer.devices 2 --trainer.strategy ddp`: the Trainer flags are all a user changes."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    args = [
+        sys.executable,
+        str(RECIPE),
+        "--fast",
+        f"--model.model_name_or_path={tiny_bert_dir}",
+        "--model.freeze_layers=1",
+    ]
+    args += ["--trainer.devices=2", "--trainer.strategy=ddp", "--trainer.accelerator=cpu"]
+    args += [f"--output_dir={tmp_path / 'out'}", f"--zoo_dir={tmp_path / 'zoo'}"]
+    proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert summary["trainer"]["devices"] == 2
+    assert set(summary["test"]) == {"sentiment", "topic"}
+    assert (tmp_path / "zoo" / "nlp-sentiment-topic" / "model.safetensors").is_file()
+    MultiTaskModule.load_from_checkpoint(tmp_path / "out" / "model.ckpt", weights_only=True)
