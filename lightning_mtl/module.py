@@ -55,6 +55,8 @@ class MultiTaskModule(HubMixin, TransferMixin, L.LightningModule):
             attribute if it has one, else every key that is not a task target).
         check_inputs: validate every target's shape, dtype and range with a clear error (one host
             sync per task and step; turn off once the data is known good).
+        backbone_class: set automatically (the dotted class of the backbone, kept in the checkpoint so
+            that reloading a live, spec-less backbone can name the class to pass again).
 
     Hooks a subclass may override (each is called by the one above it):
         ``shared_step(batch, stage)`` -> per-task losses;

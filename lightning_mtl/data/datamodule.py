@@ -9,7 +9,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.utilities import CombinedLoader
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Subset
 
 from lightning_mtl.data.collate import MultiTaskCollator
 from lightning_mtl.data.samplers import LengthGroupedSampler
@@ -289,7 +289,7 @@ class MultiTaskDataModule(L.LightningDataModule):
 
 
 def _is_per_task(datasets: Any, tasks: Mapping[str, Task]) -> bool:
-    if not isinstance(datasets, Mapping) or isinstance(datasets, Dataset):
+    if not isinstance(datasets, Mapping):
         return False
     return not (type(datasets).__name__ == "DatasetDict" or set(datasets) <= set(SPLIT_NAMES))
 
