@@ -138,3 +138,13 @@ def fit(module, loader, steps: int = 60, **trainer_kwargs):
     trainer = L.Trainer(**kwargs)
     trainer.fit(module, loader)
     return trainer
+
+
+def isolate_zoo(monkeypatch, root) -> None:
+    """Make the zoo exactly the entries under ``root``: no repo entries, no user entries from other tests."""
+    from lightning_mtl import zoo
+    from lightning_mtl.zoo import registry
+
+    monkeypatch.setenv(zoo.ENV_VAR, str(root))
+    monkeypatch.setattr(registry, "repo_zoo_dir", lambda: None)
+    monkeypatch.setattr(registry, "_USER", {})

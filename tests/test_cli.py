@@ -13,14 +13,13 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import TABULAR_TASKS, TINY_BERT, DictDataset, fit, toy_tabular
+from conftest import TABULAR_TASKS, TINY_BERT, DictDataset, fit, isolate_zoo, toy_tabular
 from torch.utils.data import DataLoader
 from transformers import BertConfig
 
 from lightning_mtl import MultiTaskModule, Task, cli, zoo
 from lightning_mtl.backbones import PACKAGED_MINILM, HFEncoder, MLPBackbone
 from lightning_mtl.hub import from_pretrained, save_pretrained
-from lightning_mtl.zoo import registry
 
 TEXTS = ["a calm and pleasant story", "the match ended in a draw", "markets fell sharply today"]
 TEXT_TASKS = [
@@ -52,9 +51,7 @@ def built(tmp_path_factory) -> SimpleNamespace:
 
 @pytest.fixture
 def env(built, monkeypatch) -> SimpleNamespace:
-    monkeypatch.setenv(zoo.ENV_VAR, str(built.root))
-    monkeypatch.setattr(registry, "repo_zoo_dir", lambda: None)
-    monkeypatch.setattr(registry, "_USER", {})
+    isolate_zoo(monkeypatch, built.root)
     return built
 
 

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import TABULAR_TASKS, TINY_BERT, toy_tabular
+from conftest import TABULAR_TASKS, TINY_BERT, isolate_zoo, toy_tabular
 from transformers import BertConfig
 
 import lightning_mtl
@@ -69,9 +69,7 @@ def built(tmp_path_factory) -> SimpleNamespace:
 @pytest.fixture
 def isolated(built, monkeypatch) -> SimpleNamespace:
     """The zoo is exactly ``built.root``: no repo entries, no user entries from other tests."""
-    monkeypatch.setenv(zoo.ENV_VAR, str(built.root))
-    monkeypatch.setattr(registry, "repo_zoo_dir", lambda: None)
-    monkeypatch.setattr(registry, "_USER", {})
+    isolate_zoo(monkeypatch, built.root)
     return built
 
 
