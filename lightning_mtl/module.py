@@ -106,13 +106,10 @@ class MultiTaskModule(HubMixin, TransferMixin, L.LightningModule):
         self.backbone: nn.Module
         self.backbone, backbone_hparam = self._build_backbone(backbone, backbone_class)
 
-        dims = feature_dim if feature_dim is not None else getattr(self.backbone, "out_features", None)
-        self.heads = nn.ModuleDict(
-            {
-                t.name: create_head(t.head_name, self._in_features(t, dims), t.out_features, **t.head_kwargs)
-                for t in task_list
-            }
+        self._feature_dims = (
+            feature_dim if feature_dim is not None else getattr(self.backbone, "out_features", None)
         )
+        self.heads = nn.ModuleDict({t.name: self._build_head(t) for t in task_list})
         self.loss_fns = {t.name: t.build_loss() for t in task_list}
         self.loss_modules = nn.ModuleDict(
             {k: v for k, v in self.loss_fns.items() if isinstance(v, nn.Module)}
@@ -166,6 +163,12 @@ class MultiTaskModule(HubMixin, TransferMixin, L.LightningModule):
             )
         spec_fn = getattr(backbone, "spec", None)
         return backbone, spec_fn() if callable(spec_fn) else None
+
+    def _build_head(self, task: Task) -> nn.Module:
+        """The task's registered head, sized from ``feature_dim`` or the backbone's ``out_features``."""
+        return create_head(
+            task.head_name, self._in_features(task, self._feature_dims), task.out_features, **task.head_kwargs
+        )
 
     @staticmethod
     def _in_features(task: Task, dims: Any) -> int:

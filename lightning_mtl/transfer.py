@@ -12,7 +12,6 @@ import torch
 from torch import nn
 from torchmetrics import MeanMetric
 
-from lightning_mtl.heads import create_head
 from lightning_mtl.tasks import STAGES, Task
 
 if TYPE_CHECKING:
@@ -34,9 +33,8 @@ class TransferMixin:
     hparams: Any
     device: torch.device
 
-    @staticmethod
-    def _in_features(task: Task, dims: Any) -> int:
-        raise NotImplementedError
+    def _build_head(self, task: Task) -> nn.Module:
+        raise NotImplementedError  # MultiTaskModule's
 
     def add_task(self, task: Task | Mapping[str, Any], *, freeze: bool | str = False) -> None:
         """Add a task to a (trained) module: a fresh head sized like the constructor sizes them, its loss,
@@ -73,10 +71,7 @@ class TransferMixin:
         if new.name in self.tasks:
             raise ValueError(f"Task {new.name!r} already exists; the tasks are {list(self.tasks)}.")
         device, dtype = self._parameter_placement()
-        dims = self.hparams.get("feature_dim")
-        if dims is None:
-            dims = getattr(self.backbone, "out_features", None)
-        head = create_head(new.head_name, self._in_features(new, dims), new.out_features, **new.head_kwargs)
+        head = self._build_head(new)
         head.to(device=device, dtype=dtype)
         loss_fn = new.build_loss()
         if isinstance(loss_fn, nn.Module):
