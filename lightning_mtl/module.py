@@ -17,6 +17,8 @@ from typing_extensions import override
 
 from lightning_mtl._registry import build_from_spec
 from lightning_mtl.balancing import Balancer, create_balancer
+from lightning_mtl.balancing.base import StepContext
+from lightning_mtl.balancing.gradient import GradientBalancer, jacobian_step
 from lightning_mtl.heads import create_head
 from lightning_mtl.hub import HubMixin
 from lightning_mtl.tasks import STAGES, Task
@@ -118,11 +120,10 @@ class MultiTaskModule(HubMixin, TransferMixin, L.LightningModule):
         self.loss_means = nn.ModuleDict({f"{s}_{t.name}": MeanMetric() for s in STAGES for t in task_list})
         self.balancer = create_balancer(balancer)
         self.balancer.setup(task_list)
-        if self.balancer.family != "loss":
-            raise NotImplementedError(
-                f"Balancer family {self.balancer.family!r} is not supported by this version."
-            )
         self.check_inputs = check_inputs
+        self._step_features: list[Tensor] = []
+        self._losses_before: dict[str, Tensor] = {}
+        self._stepped = False
 
         balancer_hparam = balancer.spec() if isinstance(balancer, Balancer) else balancer
         self.save_hyperparameters(
@@ -284,14 +285,13 @@ class MultiTaskModule(HubMixin, TransferMixin, L.LightningModule):
     def compute_losses(
         self, outputs: Mapping[str, Tensor], targets: Mapping[str, Tensor], stage: str
     ) -> dict[str, Tensor]:
-        """Masked per-task losses; updates the stage's metrics. A task without labels in this batch
-        gets a zero loss that still touches its head (so DDP sees every parameter used)."""
+        """Masked per-task losses of the tasks with labels in this batch (a task whose labels are absent or
+        all masked is left out); updates the metrics of ``stage`` if it is one of ``train/val/test``."""
         losses: dict[str, Tensor] = {}
         for name, out in outputs.items():
             task = self.tasks[name]
             target = targets.get(name)
             if target is None:
-                losses[name] = out.sum() * 0.0
                 continue
             if not isinstance(target, Tensor):
                 raise TypeError(
@@ -302,12 +302,12 @@ class MultiTaskModule(HubMixin, TransferMixin, L.LightningModule):
                 kind.check(task, out, target)
             masked = kind.mask(task, out, target)
             if masked.count == 0:
-                losses[name] = out.sum() * 0.0
                 continue
             loss = self.loss_fns[name](masked.loss_input, masked.loss_target)
             losses[name] = loss
-            self._metric(stage, name).update(masked.metric_preds, masked.metric_target)
-            self._loss_mean(stage, name).update(loss.detach().float(), weight=masked.count)
+            if stage in STAGES:
+                self._metric(stage, name).update(masked.metric_preds, masked.metric_target)
+                self._loss_mean(stage, name).update(loss.detach().float(), weight=masked.count)
         return losses
 
     def extra_losses(
@@ -320,8 +320,11 @@ class MultiTaskModule(HubMixin, TransferMixin, L.LightningModule):
         """Forward every group, return ``(task_losses, extra_losses)``."""
         losses: dict[str, Tensor] = {}
         extras: dict[str, Tensor] = {}
+        self._step_features = []
         for group in self.split_batch(batch):
             features = self.forward_features(group.inputs)
+            if stage == "train":  # the shared representation, for balancers that need it
+                self._step_features += [self.select_features(features, self.tasks[n]) for n in group.tasks]
             outputs = self.run_heads(features, group.tasks)
             for name, loss in self.compute_losses(outputs, group.targets, stage).items():
                 losses[name] = losses[name] + loss if name in losses else loss
@@ -334,12 +337,26 @@ class MultiTaskModule(HubMixin, TransferMixin, L.LightningModule):
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         losses, extras = self.shared_step(batch, "train")
         if not losses:
-            raise ValueError("The training batch contained no task: nothing to learn from.")
-        balanced = self.balancer(losses)
+            raise ValueError(
+                "The training batch has no labelled example for any task: nothing to learn from."
+            )
+        context = StepContext(
+            features=self._step_features, backbone=self.backbone, loss_scale=self._loss_scale()
+        )
+        if isinstance(self.balancer, GradientBalancer):
+            balanced = jacobian_step(
+                self.balancer, losses, context, self._task_parameters(), retain_graph=bool(extras)
+            )
+        else:
+            balanced = self.balancer(losses, context)
+        self.balancer.calls += 1
+        self._step_features = []
+        if self.balancer.needs_post_step_losses:
+            self._losses_before = {k: v.detach() for k, v in losses.items()}
         total = balanced.loss + sum(extras.values(), torch.zeros((), device=balanced.loss.device))
         absent = [n for n in self.tasks if n not in losses]
         if absent:  # keep every head in the graph so DDP does not report unused parameters
-            total = total + sum(p.sum() * 0.0 for n in absent for p in self.heads[n].parameters())
+            total = total + sum(p.sum() * 0.0 for n in absent for p in self._task_parameters()[n])
         bs = self._batch_size(batch)
         for name, loss in losses.items():
             self.log(
@@ -353,9 +370,57 @@ class MultiTaskModule(HubMixin, TransferMixin, L.LightningModule):
         for name, term in extras.items():
             self.log(f"train/extra/{name}", term.detach(), on_step=True, on_epoch=False, batch_size=bs)
         for name, w in balanced.weights.items():
-            self.log(f"weights/{name}", w, on_step=True, on_epoch=False, batch_size=bs)
-        self.log("train/loss", total.detach(), on_step=True, on_epoch=False, batch_size=bs)
+            self.log(f"weights/{name}", w.float(), on_step=True, on_epoch=False, batch_size=bs)
+        # The objective: the balanced loss (loss weighting) or, for gradient methods whose returned loss is
+        # a surrogate, the plain sum of task losses; extra terms included either way.
+        shown = total if self.balancer.family == "loss" else sum(losses.values()) + sum(extras.values())
+        self.log("train/loss", cast(Tensor, shown).detach(), on_step=True, on_epoch=False, batch_size=bs)
         return total
+
+    def _task_parameters(self) -> dict[str, list[nn.Parameter]]:
+        """The parameters only task ``t`` uses: its head and, if it has any, its loss module's."""
+        out: dict[str, list[nn.Parameter]] = {}
+        for name in self.tasks:
+            params = list(self.heads[name].parameters())
+            if name in self.loss_modules:
+                params += list(self.loss_modules[name].parameters())
+            out[name] = params
+        return out
+
+    def _loss_scale(self) -> Tensor:
+        """The AMP GradScaler's current scale as a tensor (no host sync), or 1."""
+        trainer = self._trainer
+        scaler = getattr(trainer.precision_plugin, "scaler", None) if trainer is not None else None
+        if scaler is None or not scaler.is_enabled():
+            return torch.ones((), device=self.device)
+        get_async = getattr(scaler, "_get_scale_async", None)
+        scale = get_async() if get_async is not None else None
+        if scale is None:
+            scale = torch.tensor(scaler.get_scale())
+        return scale.to(device=self.device, dtype=torch.float32)
+
+    @override
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        self._stepped = True
+
+    @override
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """After an optimizer step, balancers that ask for it (FAMO) get the batch's losses re-computed."""
+        if not (self.balancer.needs_post_step_losses and self._stepped and self._losses_before):
+            self._stepped = False
+            return
+        self._stepped = False
+        trainer = self._trainer
+        context = (
+            trainer.precision_plugin.forward_context()
+            if trainer is not None
+            else torch.autocast("cpu", enabled=False)
+        )
+        with torch.no_grad(), context:
+            after, _ = self.shared_step(batch, "refresh")
+        self.balancer.after_step(self._losses_before, {k: v.detach() for k, v in after.items()})
+        self._losses_before = {}
 
     @override
     def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
@@ -377,6 +442,7 @@ class MultiTaskModule(HubMixin, TransferMixin, L.LightningModule):
 
     @override
     def on_train_epoch_end(self) -> None:
+        self.balancer.on_train_epoch_end()
         self._log_epoch_metrics("train")
 
     @override

@@ -181,8 +181,8 @@ def test_add_task_from_dict_builds_loss_metrics_and_loss_means_for_every_stage(t
     batch = new_data(32)
     with torch.no_grad():
         losses, _ = trained.shared_step(batch, "val")
-    assert set(losses) == {*OLD, "new"}
-    assert float(losses["new"]) > 0 and float(losses["risk"]) == 0.0  # absent targets are masked
+    assert set(losses) == {"new"}  # tasks without targets in the batch are left out
+    assert float(losses["new"]) > 0
     assert float(trained.loss_means["val_new"].compute()) == pytest.approx(float(losses["new"]))
     assert 0.0 <= float(trained.metrics["val_new"].compute()["accuracy"]) <= 1.0
     assert trained.hparams["tasks"][-1] == new_task().to_dict()

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import ClassVar
 
 from torch import Tensor
 
-from lightning_mtl.balancing.base import Balanced, Balancer, register_balancer
+from lightning_mtl.balancing.base import Balanced, Balancer, StepContext, register_balancer
 
 
 @register_balancer("equal")
@@ -19,5 +20,7 @@ class EqualWeighting(Balancer):
         tensor(3.)
     """
 
-    def forward(self, losses: Mapping[str, Tensor]) -> Balanced:
+    stateful: ClassVar[bool] = False
+
+    def forward(self, losses: Mapping[str, Tensor], context: StepContext | None = None) -> Balanced:
         return self.weighted_sum(losses, dict.fromkeys(losses, 1.0))

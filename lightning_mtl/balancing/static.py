@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from torch import Tensor
 
-from lightning_mtl.balancing.base import Balanced, Balancer, register_balancer
+from lightning_mtl.balancing.base import Balanced, Balancer, StepContext, register_balancer
 
 if TYPE_CHECKING:
     from lightning_mtl.tasks import Task
@@ -26,6 +26,7 @@ class StaticWeighting(Balancer):
     """
 
     uses_task_weights: ClassVar[bool] = True
+    stateful: ClassVar[bool] = False
 
     def __init__(self, weights: Mapping[str, float] | None = None) -> None:
         super().__init__()
@@ -54,7 +55,7 @@ class StaticWeighting(Balancer):
         else:
             self.weights = {t.name: float(t.weight) for t in tasks}
 
-    def forward(self, losses: Mapping[str, Tensor]) -> Balanced:
+    def forward(self, losses: Mapping[str, Tensor], context: StepContext | None = None) -> Balanced:
         return self.weighted_sum(losses, self.weights)
 
     def config(self) -> dict[str, Any]:

@@ -1,0 +1,334 @@
+"""Gradient aggregation: the base class of MGDA, PCGrad, CAGrad... and the per-task Jacobian step.
+
+Almost every aggregator returns a linear combination ``d = w @ J`` of the task gradients (the rows of
+the Jacobian ``J``), with weights ``w`` that depend only on the Gram matrix ``G = J @ J.T``. Those
+methods implement :meth:`GradientBalancer.weights_from_gram` on a tiny ``T x T`` matrix and never see
+the ``T x P`` Jacobian; the rest (GradDrop, DB-MTL) override :meth:`GradientBalancer.aggregate`.
+
+How a step runs (:func:`jacobian_step`, called by :class:`~lightning_mtl.MultiTaskModule`):
+
+* ``mode="params"``: one ``torch.autograd.grad`` per task through the backbone (or one batched call
+  with ``jacobian="batched"``) gives the rows of ``J`` over the trainable shared parameters, and each
+  head's own gradient on the way. ``d`` and the head gradients become the gradient of a *surrogate*
+  loss ``sum_p <p, g_p>`` (coefficients detached), which the module returns to Lightning: its backward
+  is trivial, and because it is an ordinary loss, AMP loss scaling, gradient clipping, gradient
+  accumulation (one aggregation per micro-batch) and DDP's gradient all-reduce work unchanged.
+* ``mode="features"`` (MGDA-UB style, cheaper): the Jacobian is taken w.r.t. the shared representation
+  the heads read, through the heads only; the surrogate ``sum_t L_t + <z, d_z - sum_t g_z>`` gives each
+  head its own gradient and sends exactly ``d_z`` into one ordinary backbone backward.
+
+Distributed (DDP): ``torch.autograd.grad`` bypasses DDP's reducer, so the step reduces explicitly and
+every rank aggregates the same numbers. With ``mode="params"`` the Jacobian is averaged over ranks
+(one all-reduce of ``T x P`` floats): every rank computes the aggregate of the *global* per-task
+gradients, the same direction as single-process training on the global batch. With
+``mode="features"`` the Gram matrix is summed over ranks (each rank holds different examples, so the
+global Gram is the sum of the local ones, divided by ``world_size**2``): the weights are global and
+exact, and DDP's usual reduction of the backbone backward completes the global direction. A task
+absent from some ranks contributes zero rows there, exactly like its zero loss would under DDP.
+
+Mixed precision: each per-task loss is multiplied by the AMP loss scale before its backward (so fp16
+gradients do not underflow) and the Jacobian is divided by it in float32 before any method sees it;
+the aggregation itself runs in float64 on the ``T x T`` Gram matrix. Non-finite gradients propagate
+into the surrogate, so the GradScaler skips that step as it would any overflow.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from lightning_mtl.balancing.base import Balanced, Balancer, StepContext, is_distributed
+
+MODES = ("params", "features")
+JACOBIANS = ("loop", "batched")
+
+
+class GradientBalancer(Balancer):
+    """Base class of gradient-aggregation methods.
+
+    Args:
+        mode: ``"params"`` (exact per-task gradients of the shared parameters) or ``"features"``
+            (gradients w.r.t. the shared representation: one backbone backward for all tasks).
+        update_every: recompute the weights every N steps and reuse them in between (a weighted loss,
+            one ordinary backward); only for methods whose result is a linear combination.
+        jacobian: ``"loop"`` (one ``autograd.grad`` per task, the fastest on CPU) or ``"batched"``
+            (one ``autograd.grad(..., is_grads_batched=True)`` call through ``vmap``).
+        memory_budget_mb: warn once when the ``T x P`` Jacobian would exceed this many MiB.
+        seed: seeds the method's random choices (identical on every rank, restored on resume).
+
+    Subclasses implement :meth:`weights_from_gram` (``linear = True``) or override :meth:`aggregate`.
+    """
+
+    family: ClassVar[str] = "gradient"
+    linear: ClassVar[bool] = True
+    supports_features: ClassVar[bool] = True
+
+    def __init__(
+        self,
+        mode: str = "params",
+        update_every: int = 1,
+        jacobian: str = "loop",
+        memory_budget_mb: float = 2048.0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(seed=seed)
+        if mode not in MODES:
+            raise ValueError(f"{type(self).__name__}: mode must be one of {MODES}, got {mode!r}.")
+        if mode == "features" and not self.supports_features:
+            raise ValueError(
+                f"{type(self).__name__} needs parameter gradients; mode='features' is not supported."
+            )
+        if jacobian not in JACOBIANS:
+            raise ValueError(f"{type(self).__name__}: jacobian must be one of {JACOBIANS}, got {jacobian!r}.")
+        if int(update_every) < 1:
+            raise ValueError(f"{type(self).__name__}: update_every must be >= 1, got {update_every}.")
+        if int(update_every) > 1 and not self.linear:
+            raise ValueError(
+                f"{type(self).__name__} does not return a linear combination of task gradients, so its weights "
+                "cannot be reused: update_every must be 1."
+            )
+        self.mode = mode
+        self.update_every = int(update_every)
+        self.jacobian = jacobian
+        self.memory_budget_mb = float(memory_budget_mb)
+        self._warned_memory = False
+
+    def setup(self, tasks: Sequence[object]) -> None:  # type: ignore[override]
+        super().setup(tasks)  # type: ignore[arg-type]
+        n = len(self.task_names)
+        # The last computed weights (for update_every), with the mask of the tasks they were computed for.
+        self.register_buffer("cached_weights", torch.zeros(n))
+        self.register_buffer("cached_mask", torch.zeros(n, dtype=torch.bool))
+
+    # --- what subclasses implement -------------------------------------------------------------------
+    def weights_from_gram(self, gram: Tensor, names: Sequence[str]) -> Tensor:
+        """Weights ``w`` (length T, float64) of the direction ``w @ J`` for the Gram matrix ``G = J J^T``
+        of the tasks ``names`` (float64, ``T x T``)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement weights_from_gram or aggregate.")
+
+    def aggregate(self, jacobian: Tensor, names: Sequence[str]) -> tuple[Tensor, Tensor]:
+        """The update direction (length P) and the per-task weights (length T) for ``jacobian`` (T x P).
+
+        The default computes the Gram matrix and calls :meth:`weights_from_gram`.
+        """
+        gram = (jacobian @ jacobian.T).double()
+        weights = self.weights_from_gram(gram, names).to(jacobian.dtype)
+        return weights @ jacobian, weights
+
+    def prepare_losses(self, losses: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Transform the task losses before their gradients are taken (DB-MTL uses ``log``). Default: none."""
+        return dict(losses)
+
+    def forward(self, losses: Mapping[str, Tensor], context: StepContext | None = None) -> Balanced:
+        raise RuntimeError(
+            f"{type(self).__name__} aggregates gradients; MultiTaskModule runs it through jacobian_step(), "
+            "it cannot be called on losses alone."
+        )
+
+    # --- helpers ---------------------------------------------------------------------------------------
+    @staticmethod
+    def implied_weights(jacobian: Tensor, direction: Tensor) -> Tensor:
+        """For a non-linear method: ``<d, g_t> / |g_t|^2``, the share of each task gradient in ``d``."""
+        norms = (jacobian * jacobian).sum(1)
+        return (jacobian @ direction) / norms.clamp_min(torch.finfo(norms.dtype).tiny)
+
+    def reusable_weights(self, names: Sequence[str]) -> Tensor | None:
+        """The cached weights when this step may reuse them (``update_every``), else ``None``."""
+        if self.update_every <= 1 or int(self.calls) % self.update_every == 0:
+            return None
+        mask = torch.zeros_like(self.cached_mask)
+        mask[[self.task_names.index(n) for n in names]] = True
+        if not torch.equal(mask, self.cached_mask):
+            return None
+        return self.cached_weights[mask]
+
+    def remember(self, names: Sequence[str], weights: Tensor) -> None:
+        if self.update_every <= 1:
+            return
+        idx = [self.task_names.index(n) for n in names]
+        self.cached_mask.zero_()
+        self.cached_mask[idx] = True
+        self.cached_weights.zero_()
+        self.cached_weights[idx] = weights.detach().to(self.cached_weights)
+
+    def check_memory(self, rows: int, cols: int) -> None:
+        mib = rows * cols * 4 / 2**20
+        if mib > self.memory_budget_mb and not self._warned_memory:
+            self._warned_memory = True
+            hint = (
+                "Use mode='features' (gradients of the shared representation) or update_every=N"
+                if self.mode == "params"
+                else "Use update_every=N or a smaller batch"
+            )
+            warnings.warn(
+                f"{type(self).__name__}: the {rows} x {cols} per-task gradient matrix takes {mib:.0f} MiB, over "
+                f"memory_budget_mb={self.memory_budget_mb:.0f}. {hint}.",
+                stacklevel=2,
+            )
+
+
+def _global_names(balancer: Balancer, local: Sequence[str]) -> list[str]:
+    """The tasks present on at least one rank, in ``balancer.task_names`` order (a collective under DDP)."""
+    if not is_distributed():
+        return [n for n in balancer.task_names if n in local]
+    device = balancer.calls.device
+    present = torch.zeros(len(balancer.task_names), device=device)
+    present[[balancer.task_names.index(n) for n in local]] = 1.0
+    torch.distributed.all_reduce(present)
+    return [n for n, c in zip(balancer.task_names, present.tolist()) if c > 0]
+
+
+def _task_jacobian(
+    losses: Mapping[str, Tensor],
+    names: Sequence[str],
+    inputs: Sequence[Tensor],
+    task_inputs: Mapping[str, Sequence[Tensor]],
+    scale: Tensor,
+    batched: bool,
+    retain_last: bool,
+) -> tuple[Tensor, dict[str, tuple[Tensor | None, ...]]]:
+    """Rows of ``d L_t / d inputs`` (flattened; zero rows for tasks absent locally), divided by ``scale``,
+    and each task's own gradients of ``task_inputs[t]`` (its head) on the way."""
+    sizes = [t.numel() for t in inputs]
+    device = inputs[0].device
+    jac = torch.zeros(len(names), sum(sizes), device=device, dtype=torch.float32)
+    own: dict[str, tuple[Tensor | None, ...]] = {}
+    local = [n for n in names if n in losses]
+    if batched and local:
+        extra = [p for n in local for p in task_inputs.get(n, ())]
+        eye = torch.eye(len(local), device=device, dtype=losses[local[0]].dtype)
+        stacked = torch.stack([losses[n] * scale for n in local])
+        grads = torch.autograd.grad(
+            stacked,
+            [*inputs, *extra],
+            grad_outputs=eye,
+            is_grads_batched=True,
+            retain_graph=retain_last,
+            allow_unused=True,
+        )
+        rows = [names.index(n) for n in local]
+        offset = 0
+        for g, size in zip(grads[: len(inputs)], sizes):
+            if g is not None:
+                jac[rows, offset : offset + size] = g.reshape(len(local), -1).float()
+            offset += size
+        start = len(inputs)
+        for k, n in enumerate(local):
+            count = len(task_inputs.get(n, ()))
+            own[n] = tuple(None if g is None else g[k] for g in grads[start : start + count])
+            start += count
+    else:
+        for i, name in enumerate(names):
+            if name not in losses:
+                continue
+            extra = list(task_inputs.get(name, ()))
+            last = name == local[-1]
+            grads = torch.autograd.grad(
+                losses[name] * scale,
+                [*inputs, *extra],
+                retain_graph=retain_last or not last,
+                allow_unused=True,
+            )
+            offset = 0
+            for g, size in zip(grads[: len(inputs)], sizes):
+                if g is not None:
+                    jac[i, offset : offset + size] = g.reshape(-1)
+                offset += size
+            own[name] = tuple(grads[len(inputs) :])
+    jac.div_(scale)
+    own = {n: tuple(None if g is None else g / scale for g in gs) for n, gs in own.items()}
+    return jac, own
+
+
+def _linear_term(tensors: Sequence[Tensor], flat: Tensor) -> Tensor:
+    """``sum_k <tensors_k, flat_k>`` with ``flat`` split like ``tensors`` and detached: its gradient is ``flat``."""
+    total = flat.new_zeros(())
+    offset = 0
+    for t in tensors:
+        n = t.numel()
+        total = total + (t * flat[offset : offset + n].view_as(t).detach().to(t.dtype)).sum()
+        offset += n
+    return total
+
+
+def jacobian_step(
+    balancer: GradientBalancer,
+    losses: Mapping[str, Tensor],
+    context: StepContext,
+    task_params: Mapping[str, Sequence[nn.Parameter]],
+    retain_graph: bool = False,
+) -> Balanced:
+    """Aggregate the tasks' gradients with ``balancer``; returns the surrogate loss and the weights.
+
+    ``losses``: the tasks with labels in this batch on this rank. ``task_params[t]``: the parameters only
+    task ``t`` uses (its head). ``retain_graph``: keep the graph for further terms (extra losses).
+    """
+    losses = balancer.prepare_losses(losses)
+    names = _global_names(balancer, list(losses))
+    scale = context.loss_scale
+    world = torch.distributed.get_world_size() if is_distributed() else 1
+    own_params = {n: [p for p in task_params.get(n, ()) if p.requires_grad] for n in names}
+
+    cached = balancer.reusable_weights(names) if balancer.linear else None
+    if cached is not None:
+        # Reuse the weights: backbone gets sum_t w_t g_t from one ordinary backward; heads keep their own
+        # (unweighted) gradient through a correction term on their parameters.
+        weights = {n: cached[i] for i, n in enumerate(names)}
+        surrogate = sum((weights[n] * losses[n] for n in losses), next(iter(losses.values())).new_zeros(()))
+        for n in losses:
+            params = own_params[n]
+            if params and float(weights[n]) != 1.0:
+                grads = torch.autograd.grad(losses[n] * scale, params, retain_graph=True, allow_unused=True)
+                for p, g in zip(params, grads):
+                    if g is not None:
+                        surrogate = surrogate + (p * ((1 - weights[n]) * g / scale).detach()).sum()
+        return Balanced(loss=surrogate, weights=weights)
+
+    if balancer.mode == "params":
+        shared = context.shared_parameters()
+        if not shared:
+            raise ValueError(
+                "Gradient balancing with mode='params' needs trainable backbone parameters; all are frozen."
+            )
+        balancer.check_memory(len(names), sum(p.numel() for p in shared))
+        jac, own = _task_jacobian(
+            losses, names, shared, own_params, scale, balancer.jacobian == "batched", retain_graph
+        )
+        if world > 1:
+            torch.distributed.all_reduce(jac)
+            jac.div_(world)
+        direction, w = _aggregate(balancer, jac, names)
+        surrogate = _linear_term(shared, direction)
+        for n, grads in own.items():
+            for p, g in zip(own_params[n], grads):
+                if g is not None:
+                    surrogate = surrogate + (p * g.detach()).sum()
+    else:
+        feats = list({id(f): f for f in context.features if f.requires_grad}.values())
+        if not feats:
+            raise ValueError("Gradient balancing with mode='features' needs features that require grad.")
+        balancer.check_memory(len(names), sum(f.numel() for f in feats))
+        jac, _ = _task_jacobian(losses, names, feats, {}, scale, balancer.jacobian == "batched", True)
+        if balancer.linear:
+            gram = (jac @ jac.T).double()
+            if world > 1:
+                torch.distributed.all_reduce(gram)
+                gram.div_(world**2)
+            w = balancer.weights_from_gram(gram, names).to(jac.dtype) if len(names) > 1 else jac.new_ones(1)
+            direction = w @ jac
+        else:
+            direction, w = _aggregate(balancer, jac, names)
+        total = sum(losses.values(), next(iter(losses.values())).new_zeros(()))
+        surrogate = total + _linear_term(feats, direction - jac.sum(0))
+    balancer.remember(names, w)
+    return Balanced(loss=surrogate, weights={n: w[i].detach() for i, n in enumerate(names)})
+
+
+def _aggregate(balancer: GradientBalancer, jac: Tensor, names: Sequence[str]) -> tuple[Tensor, Tensor]:
+    if len(names) == 1 and balancer.linear:
+        return jac[0], jac.new_ones(1)
+    return balancer.aggregate(jac, names)
