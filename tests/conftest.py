@@ -148,3 +148,22 @@ def isolate_zoo(monkeypatch, root) -> None:
     monkeypatch.setenv(zoo.ENV_VAR, str(root))
     monkeypatch.setattr(registry, "repo_zoo_dir", lambda: None)
     monkeypatch.setattr(registry, "_USER", {})
+
+
+def balancer_variants() -> list[tuple[str, dict]]:
+    """Every registered balancer as ``(name, init kwargs)``; gradient methods that support both modes appear
+    twice (``mode="params"`` and ``mode="features"``). Parametrising over this tests a new method for free."""
+    from lightning_mtl.balancing import list_balancers
+    from lightning_mtl.balancing.base import BALANCER_REGISTRY
+    from lightning_mtl.balancing.gradient import GradientBalancer
+
+    out: list[tuple[str, dict]] = []
+    for name in list_balancers():
+        if name.startswith("doc_"):  # registered by a doctest
+            continue
+        out.append((name, {}))
+        cls = BALANCER_REGISTRY.get(name)
+        if issubclass(cls, GradientBalancer) and cls.supports_features:
+            default_mode = cls().mode
+            out.append((name, {"mode": "params" if default_mode == "features" else "features"}))
+    return out

@@ -1,0 +1,198 @@
+"""The Jacobian step behind every gradient method: its surrogate loss has exactly the aggregated gradient."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_mtl import MultiTaskModule, Task
+from lightning_mtl.backbones import MLPBackbone
+from lightning_mtl.balancing.base import StepContext
+from lightning_mtl.balancing.gradient import GradientBalancer, jacobian_step
+
+pytestmark = pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")
+
+WEIGHTS = torch.tensor([0.3, 1.7], dtype=torch.float64)
+
+
+class FixedWeights(GradientBalancer):
+    """A linear test method: fixed weights, counting its calls."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.gram_calls = 0
+
+    def weights_from_gram(self, gram: torch.Tensor, names: Sequence[str]) -> torch.Tensor:
+        self.gram_calls += 1
+        self.last_gram = gram
+        return WEIGHTS[: len(names)].to(gram)
+
+
+class SignFlip(GradientBalancer):
+    """A non-linear test method: the negated sum (so the surrogate must carry an arbitrary direction)."""
+
+    linear = False
+
+    def aggregate(self, jacobian, names):
+        d = -jacobian.sum(0)
+        return d, self.implied_weights(jacobian, d)
+
+
+TASKS = [Task("a", kind="regression"), Task("b", kind="binary", labels=["n", "y"])]
+
+
+def make_module(balancer: GradientBalancer) -> tuple[MultiTaskModule, dict[str, torch.Tensor]]:
+    torch.manual_seed(0)
+    module = MultiTaskModule(MLPBackbone(5, hidden=(16, 8), dropout=0.0), TASKS, balancer=balancer)
+    x = torch.randn(12, 5)
+    batch = {"x": x, "a": x[:, 0] * 2, "b": (x[:, 1] > 0).float()}
+    return module, batch
+
+
+def reference_grads(module, batch, backbone_weights):
+    """Gradients by plain autograd: backbone from sum_t w_t L_t, each head from its own loss."""
+    module.zero_grad()
+    losses, _ = module.shared_step(batch, "refresh")
+    grads = {}
+    total = sum(w * losses[n] for n, w in zip(("a", "b"), backbone_weights))
+    bb = torch.autograd.grad(total, list(module.backbone.parameters()), retain_graph=True)
+    for n in ("a", "b"):
+        grads[n] = torch.autograd.grad(losses[n], list(module.heads[n].parameters()), retain_graph=True)
+    return bb, grads
+
+
+def surrogate_grads(module, batch):
+    module.zero_grad()
+    loss = module.training_step(batch, 0)
+    loss.backward()
+    bb = [p.grad.clone() for p in module.backbone.parameters()]
+    heads = {n: [p.grad.clone() for p in module.heads[n].parameters()] for n in ("a", "b")}
+    return bb, heads
+
+
+@pytest.mark.parametrize("mode", ["params", "features"])
+@pytest.mark.parametrize("jacobian", ["loop", "batched"])
+def test_surrogate_carries_the_weighted_direction_and_heads_keep_their_own_gradient(mode, jacobian):
+    module, batch = make_module(FixedWeights(mode=mode, jacobian=jacobian))
+    want_bb, want_heads = reference_grads(module, batch, WEIGHTS.float().tolist())
+    got_bb, got_heads = surrogate_grads(module, batch)
+    for g, w in zip(got_bb, want_bb):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+    for n in ("a", "b"):
+        for g, w in zip(got_heads[n], want_heads[n]):
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+    assert module.balancer.gram_calls == 1
+
+
+def test_params_gram_is_the_gram_of_the_per_task_parameter_gradients():
+    module, batch = make_module(FixedWeights())
+    losses, _ = module.shared_step(batch, "refresh")
+    rows = []
+    for n in ("a", "b"):
+        g = torch.autograd.grad(losses[n], list(module.backbone.parameters()), retain_graph=True)
+        rows.append(torch.cat([x.flatten() for x in g]))
+    jac = torch.stack(rows)
+    module.training_step(batch, 0)
+    torch.testing.assert_close(module.balancer.last_gram, (jac @ jac.T).double(), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("mode", ["params", "features"])
+def test_non_linear_direction_reaches_the_backbone(mode):
+    module, batch = make_module(SignFlip(mode=mode))
+    want_bb, want_heads = reference_grads(module, batch, [-1.0, -1.0])
+    got_bb, got_heads = surrogate_grads(module, batch)
+    for g, w in zip(got_bb, want_bb):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+    for g, w in zip(got_heads["b"], want_heads["b"]):  # heads still descend their own loss
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+
+
+def test_loss_scale_is_removed_before_the_method_sees_the_gradients():
+    module, batch = make_module(FixedWeights())
+    losses, _ = module.shared_step(batch, "train")
+    feats = module._step_features
+    ctx1 = StepContext(features=feats, backbone=module.backbone, loss_scale=torch.tensor(1.0))
+    out1 = jacobian_step(module.balancer, losses, ctx1, module._task_parameters(), retain_graph=True)
+    gram1 = module.balancer.last_gram
+    ctx2 = StepContext(features=feats, backbone=module.backbone, loss_scale=torch.tensor(2.0**16))
+    out2 = jacobian_step(module.balancer, losses, ctx2, module._task_parameters())
+    torch.testing.assert_close(module.balancer.last_gram, gram1)
+    g1 = torch.autograd.grad(out1.loss, list(module.backbone.parameters()), retain_graph=True)
+    g2 = torch.autograd.grad(out2.loss, list(module.backbone.parameters()))
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_update_every_reuses_weights_without_a_jacobian():
+    module, batch = make_module(FixedWeights(update_every=3))
+    for step in range(6):
+        want_bb, want_heads = reference_grads(module, batch, WEIGHTS.float().tolist())
+        got_bb, got_heads = surrogate_grads(module, batch)
+        for g, w in zip(got_bb, want_bb):
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+        for n in ("a", "b"):
+            for g, w in zip(got_heads[n], want_heads[n]):
+                torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+    assert module.balancer.gram_calls == 2  # steps 0 and 3
+    assert int(module.balancer.calls) == 6
+
+
+def test_update_every_recomputes_when_the_present_tasks_change():
+    module, batch = make_module(FixedWeights(update_every=10))
+    module.training_step(batch, 0)
+    module.training_step({"x": batch["x"], "a": batch["a"]}, 1)  # only one task: no reuse of 2-task weights
+    assert module.balancer.gram_calls == 1  # the one-task step short-circuits, it never calls the method
+    module.training_step(batch, 2)
+    assert module.balancer.gram_calls == 2
+
+
+def test_absent_task_keeps_its_head_in_the_graph_with_zero_gradient():
+    module, batch = make_module(FixedWeights())
+    module.zero_grad()
+    loss = module.training_step({"x": batch["x"], "a": batch["a"]}, 0)
+    loss.backward()
+    assert all(
+        p.grad is not None and float(p.grad.abs().sum()) == 0.0 for p in module.heads["b"].parameters()
+    )
+    assert any(float(p.grad.abs().sum()) > 0 for p in module.backbone.parameters())
+
+
+def test_memory_budget_warning_names_the_fix():
+    module, batch = make_module(FixedWeights(memory_budget_mb=1e-4))
+    with pytest.warns(UserWarning, match=r"2 x \d+ per-task gradient matrix.*mode='features'"):
+        module.training_step(batch, 0)
+
+
+def test_rejects_bad_options_and_frozen_backbones():
+    with pytest.raises(ValueError, match="mode must be one of"):
+        FixedWeights(mode="weights")
+    with pytest.raises(ValueError, match="update_every must be 1"):
+        SignFlip(update_every=2)
+    with pytest.raises(ValueError, match="jacobian must be one of"):
+        FixedWeights(jacobian="vmap")
+    module, batch = make_module(FixedWeights())
+    for p in module.backbone.parameters():
+        p.requires_grad_(False)
+    with pytest.raises(ValueError, match="needs trainable backbone parameters"):
+        module.training_step(batch, 0)
+    with pytest.raises(RuntimeError, match="cannot be called on losses alone"):
+        FixedWeights()({"a": torch.tensor(1.0)})
+
+
+def test_head_only_task_parameters_include_loss_modules():
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.s = nn.Parameter(torch.tensor(1.0))
+
+        def forward(self, x, y):
+            return self.s * nn.functional.mse_loss(x, y)
+
+    module, batch = make_module(FixedWeights())
+    module.loss_fns["a"] = module.loss_modules["a"] = Scaled()
+    module.zero_grad()
+    module.training_step(batch, 0).backward()
+    assert module.loss_modules["a"].s.grad is not None and float(module.loss_modules["a"].s.grad) != 0.0

@@ -1,0 +1,142 @@
+"""Every registered balancer through the stock Trainer: precisions, clipping + accumulation, resume, logging.
+
+Parametrised over the registry (``balancer_variants``), so a newly registered method is tested here without
+new test code.
+"""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+from conftest import TABULAR_TASKS, DictDataset, balancer_variants, toy_tabular
+from lightning.pytorch.plugins import MixedPrecision
+from torch.utils.data import DataLoader
+
+from lightning_mtl import MultiTaskModule
+from lightning_mtl.backbones import MLPBackbone
+from lightning_mtl.balancing import create_balancer
+
+VARIANTS = balancer_variants()
+IDS = [name + "".join(f"-{v}" for v in kw.values()) for name, kw in VARIANTS]
+
+
+def build(name: str, kwargs: dict, seed: int = 0) -> MultiTaskModule:
+    torch.manual_seed(seed)
+    balancer = create_balancer({"name": name, **kwargs}) if kwargs else name
+    return MultiTaskModule(
+        MLPBackbone(8, hidden=(32, 16), dropout=0.0), TABULAR_TASKS, balancer=balancer, lr=1e-2
+    )
+
+
+def loader(n: int = 64, batch_size: int = 16, absent_every: int = 0) -> DataLoader:
+    data = toy_tabular(n)
+    if absent_every:  # the regression task lacks labels in some batches entirely
+        stay = data["stay"].clone()
+        stay[: n // 2] = float("nan")
+        data["stay"] = stay
+    return DataLoader(DictDataset(data), batch_size=batch_size, shuffle=False)
+
+
+def trainer(**kwargs) -> L.Trainer:
+    defaults = dict(
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    return L.Trainer(**{**defaults, **kwargs})
+
+
+def flat_params(module: MultiTaskModule) -> torch.Tensor:
+    return torch.cat([p.detach().flatten().float() for p in module.parameters()])
+
+
+PRECISIONS = {
+    "32-true": {"precision": "32-true"},
+    "bf16-mixed": {"precision": "bf16-mixed"},
+    # CPU has no default GradScaler: inject one, so fp16 gradients are loss-scaled as on a GPU
+    "16-mixed": {"plugins": [MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))]},
+}
+
+
+@pytest.mark.parametrize("precision", list(PRECISIONS))
+@pytest.mark.parametrize(("name", "kwargs"), VARIANTS, ids=IDS)
+def test_every_balancer_trains_in_every_precision(name, kwargs, precision):
+    module = build(name, kwargs)
+    before = flat_params(module)
+    fit = trainer(max_steps=4, **PRECISIONS[precision])
+    fit.fit(module, loader(absent_every=2))
+    after = flat_params(module)
+    assert fit.global_step == 4
+    assert torch.isfinite(after).all()
+    backbone = torch.cat([p.detach().flatten() for p in module.backbone.parameters()])
+    assert not torch.equal(backbone, before[: backbone.numel()]), "the shared network did not move"
+    logged = fit.callback_metrics
+    for task in module.tasks:
+        assert f"weights/{task}" in logged, sorted(logged)
+        assert torch.isfinite(logged[f"weights/{task}"])
+    assert torch.isfinite(logged["train/loss"])
+
+
+@pytest.mark.parametrize(("name", "kwargs"), VARIANTS, ids=IDS)
+def test_every_balancer_with_clipping_and_accumulation(name, kwargs):
+    module = build(name, kwargs)
+    norms: list[float] = []
+
+    class RecordStepGradNorm(L.Callback):
+        def on_fit_start(self, trainer, pl_module):
+            def hook(optimizer, args, kwargs):
+                grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+                norms.append(float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))))
+
+            trainer.optimizers[0].register_step_post_hook(hook)  # grads as the step used them
+
+    fit = trainer(
+        max_steps=3, gradient_clip_val=0.05, accumulate_grad_batches=2, callbacks=[RecordStepGradNorm()]
+    )
+    fit.fit(module, loader(n=96))
+    assert fit.global_step == 3 and len(norms) == 3
+    assert max(norms) <= 0.05 * (1 + 1e-4), norms  # clipped after aggregation, as for any loss
+    assert int(module.balancer.calls) == 6  # one aggregation per micro-batch
+    assert torch.isfinite(flat_params(module)).all()
+
+
+STATEFUL = [(n, kw) for n, kw in VARIANTS if create_balancer({"name": n, **kw}).stateful]
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs"), STATEFUL, ids=[i for i, v in zip(IDS, VARIANTS) if v in STATEFUL]
+)
+def test_resume_continues_the_uninterrupted_trajectory(name, kwargs, tmp_path):
+    data = loader(n=48)  # 3 batches an epoch
+    straight = build(name, kwargs)
+    trainer(max_epochs=4).fit(straight, data)
+
+    first = build(name, kwargs)
+    t1 = trainer(max_epochs=2)
+    t1.fit(first, data)
+    ckpt = tmp_path / "mid.ckpt"
+    t1.save_checkpoint(ckpt)
+    resumed = build(name, kwargs, seed=123)  # different init: everything must come from the checkpoint
+    trainer(max_epochs=4).fit(resumed, data, ckpt_path=ckpt)
+
+    torch.testing.assert_close(flat_params(resumed), flat_params(straight), rtol=1e-5, atol=1e-6)
+    for key, value in straight.balancer.state_dict().items():
+        torch.testing.assert_close(resumed.balancer.state_dict()[key], value, rtol=1e-5, atol=1e-6, msg=key)
+    assert int(resumed.balancer.calls) == 12
+
+
+@pytest.mark.parametrize(("name", "kwargs"), VARIANTS, ids=IDS)
+def test_spec_round_trip_through_hparams(name, kwargs, tmp_path):
+    module = build(name, kwargs)
+    trainer(max_steps=2).fit(module, loader())
+    path = tmp_path / "m.ckpt"
+    module.trainer.save_checkpoint(path)
+    loaded = MultiTaskModule.load_from_checkpoint(path, weights_only=True)
+    assert type(loaded.balancer) is type(module.balancer)
+    assert loaded.balancer.config() == module.balancer.config()
+    for key, value in module.balancer.state_dict().items():
+        torch.testing.assert_close(loaded.balancer.state_dict()[key], value, msg=key)
