@@ -83,7 +83,7 @@ class SentimentTopicModule(MultiTaskModule):
         model_name_or_path: str = PACKAGED_MINILM,
         pooling: str = "mean",
         freeze_layers: int = 3,
-        balancer: str = "static",
+        balancer: dict[str, Any] | str = "static",
         lr: float = 2e-4,
         head_lr: float = 1e-3,
         weight_decay: float = 0.01,

@@ -86,6 +86,7 @@ class Balancer(nn.Module):
     needs_post_step_losses: ClassVar[bool] = False
     stateful: ClassVar[bool] = True
     registry_name: ClassVar[str] = ""
+    calls: Tensor
 
     def __init__(self, seed: int = 0) -> None:
         super().__init__()

@@ -66,6 +66,8 @@ class GradientBalancer(Balancer):
     family: ClassVar[str] = "gradient"
     linear: ClassVar[bool] = True
     supports_features: ClassVar[bool] = True
+    cached_weights: Tensor
+    cached_mask: Tensor
 
     def __init__(
         self,
@@ -303,8 +305,8 @@ def jacobian_step(
             jac.div_(world)
         direction, w = _aggregate(balancer, jac, names)
         surrogate = _linear_term(shared, direction)
-        for n, grads in own.items():
-            for p, g in zip(own_params[n], grads):
+        for n, head_grads in own.items():
+            for p, g in zip(own_params[n], head_grads):
                 if g is not None:
                     surrogate = surrogate + (p * g.detach()).sum()
     else:

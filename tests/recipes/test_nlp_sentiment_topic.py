@@ -86,7 +86,8 @@ def test_recipe_help_lists_overrides(capsys):
 @pytest.mark.slow
 @pytest.mark.multiprocess
 def test_recipe_fast_mode_under_ddp(tmp_path, tiny_bert_dir):
-    """`--trainer.devices 2 --trainer.strategy ddp`: the Trainer flags are all a user changes."""
+    """`--trainer.devices 2 --trainer.strategy ddp`: the Trainer flags are all a user changes; here with a
+    gradient-aggregation balancer chosen from the command line."""
     import os
     import subprocess
     import sys
@@ -98,6 +99,7 @@ def test_recipe_fast_mode_under_ddp(tmp_path, tiny_bert_dir):
         "--fast",
         f"--model.model_name_or_path={tiny_bert_dir}",
         "--model.freeze_layers=1",
+        '--model.balancer={"name": "pcgrad", "mode": "params"}',
     ]
     args += ["--trainer.devices=2", "--trainer.strategy=ddp", "--trainer.accelerator=cpu"]
     args += [f"--output_dir={tmp_path / 'out'}", f"--zoo_dir={tmp_path / 'zoo'}"]
@@ -107,4 +109,5 @@ def test_recipe_fast_mode_under_ddp(tmp_path, tiny_bert_dir):
     assert summary["trainer"]["devices"] == 2
     assert set(summary["test"]) == {"sentiment", "topic"}
     assert (tmp_path / "zoo" / "nlp-sentiment-topic" / "model.safetensors").is_file()
-    MultiTaskModule.load_from_checkpoint(tmp_path / "out" / "model.ckpt", weights_only=True)
+    loaded = MultiTaskModule.load_from_checkpoint(tmp_path / "out" / "model.ckpt", weights_only=True)
+    assert type(loaded.balancer).__name__ == "PCGrad" and loaded.balancer.mode == "params"
