@@ -5,5 +5,6 @@ serialisable ``spec()`` so checkpoints reload without the original weights."""
 
 from lightning_mtl.backbones.hf_encoder import PACKAGED_MINILM, HFEncoder, resolve_model_path
 from lightning_mtl.backbones.mlp import MLPBackbone
+from lightning_mtl.backbones.tabular import TabularMLP
 
-__all__ = ["PACKAGED_MINILM", "HFEncoder", "MLPBackbone", "resolve_model_path"]
+__all__ = ["PACKAGED_MINILM", "HFEncoder", "MLPBackbone", "TabularMLP", "resolve_model_path"]

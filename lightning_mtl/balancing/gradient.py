@@ -284,8 +284,8 @@ def jacobian_step(
         for n in losses:
             params = own_params[n]
             if params and float(weights[n]) != 1.0:
-                grads = torch.autograd.grad(losses[n] * scale, params, retain_graph=True, allow_unused=True)
-                for p, g in zip(params, grads):
+                plain = torch.autograd.grad(losses[n] * scale, params, retain_graph=True, allow_unused=True)
+                for p, g in zip(params, plain):
                     if g is not None:
                         surrogate = surrogate + (p * ((1 - weights[n]) * g / scale).detach()).sum()
         return Balanced(loss=surrogate, weights=weights)
@@ -306,9 +306,9 @@ def jacobian_step(
         direction, w = _aggregate(balancer, jac, names)
         surrogate = _linear_term(shared, direction)
         for n, head_grads in own.items():
-            for p, g in zip(own_params[n], head_grads):
-                if g is not None:
-                    surrogate = surrogate + (p * g.detach()).sum()
+            for p, hg in zip(own_params[n], head_grads):
+                if hg is not None:
+                    surrogate = surrogate + (p * hg.detach()).sum()
     else:
         feats = list({id(f): f for f in context.features if f.requires_grad}.values())
         if not feats:

@@ -15,7 +15,7 @@ from conftest import balancer_variants
 
 HELPER = Path(__file__).parent.parent / "helpers" / "ddp_balancers.py"
 sys.path.insert(0, str(HELPER.parent))
-from ddp_balancers import N, PER_RANK_BATCH, build, dataset, variant_id  # noqa: E402
+from ddp_balancers import PER_RANK_BATCH, N, build, dataset, variant_id  # noqa: E402
 
 VARIANTS = balancer_variants()
 

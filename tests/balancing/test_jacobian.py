@@ -128,7 +128,7 @@ def test_loss_scale_is_removed_before_the_method_sees_the_gradients():
 
 def test_update_every_reuses_weights_without_a_jacobian():
     module, batch = make_module(FixedWeights(update_every=3))
-    for step in range(6):
+    for _step in range(6):
         want_bb, want_heads = reference_grads(module, batch, WEIGHTS.float().tolist())
         got_bb, got_heads = surrogate_grads(module, batch)
         for g, w in zip(got_bb, want_bb):
