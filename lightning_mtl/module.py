@@ -547,7 +547,9 @@ class MultiTaskModule(HubMixin, TransferMixin, L.LightningModule):
         """Predict every task for raw inputs with one backbone pass per batch.
 
         ``inputs``: a string or list of strings (the backbone must offer ``preprocess``, as
-        :class:`~lightning_mtl.backbones.HFEncoder` does), a tensor, or a dict of tensors.
+        :class:`~lightning_mtl.backbones.HFEncoder` does), a tensor, a dict of tensors, or any other raw
+        input the backbone's ``preprocess`` reads (e.g. table rows — a DataFrame, a dict, a list of dicts —
+        for :class:`~lightning_mtl.backbones.TabularMLP`).
         Returns ``{task: [prediction per example]}`` with label names and probabilities.
         """
         if isinstance(inputs, str) or (
@@ -562,9 +564,10 @@ class MultiTaskModule(HubMixin, TransferMixin, L.LightningModule):
             chunks = [preprocess(texts[i : i + batch_size]) for i in range(0, len(texts), batch_size)]
         elif isinstance(inputs, Tensor):
             chunks = list(inputs.split(batch_size))
-        elif isinstance(inputs, Mapping):
-            n = next(iter(inputs.values())).shape[0]
-            chunks = [{k: v[i : i + batch_size] for k, v in inputs.items()} for i in range(0, n, batch_size)]
+        elif isinstance(inputs, Mapping) and inputs and all(isinstance(v, Tensor) for v in inputs.values()):
+            chunks = self._chunks(inputs, batch_size)
+        elif callable(preprocess := getattr(self.backbone, "preprocess", None)):
+            chunks = self._chunks(preprocess(inputs), batch_size)  # raw inputs the backbone reads (rows, ...)
         else:
             raise TypeError(
                 f"predict() takes text, a tensor or a dict of tensors, got {type(inputs).__name__}."
@@ -590,6 +593,11 @@ class MultiTaskModule(HubMixin, TransferMixin, L.LightningModule):
             return result
         finally:
             self.train(was_training)
+
+    @staticmethod
+    def _chunks(inputs: Mapping[str, Tensor], batch_size: int) -> list[dict[str, Tensor]]:
+        n = next(iter(inputs.values())).shape[0]
+        return [{k: v[i : i + batch_size] for k, v in inputs.items()} for i in range(0, n, batch_size)]
 
     def _to_device(self, obj: Any) -> Any:
         if isinstance(obj, Tensor):

@@ -40,6 +40,8 @@ class Task:
         feature_key: which backbone feature the head reads when the backbone returns a dict
             (default from the kind: ``pooled``, ``tokens`` for token tasks, ``spatial`` for dense ones).
         threshold: decision threshold for ``binary``/``multilabel`` predictions and metrics.
+        target_transform: ``regression`` only: ``"log1p"`` trains the head on ``log1p(target)``
+            (e.g. a skewed length of stay) while metrics and predictions stay in the target's units.
 
     Example:
         >>> t = Task("topic", kind="multiclass", labels=["business", "sport"])
@@ -61,6 +63,7 @@ class Task:
     target_key: str = ""
     feature_key: str = ""
     threshold: float = 0.5
+    target_transform: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name or "/" in self.name:
@@ -83,6 +86,13 @@ class Task:
             raise ValueError(
                 f"Task {self.name!r}: unknown loss {self.loss!r}; choose one of {sorted(LOSSES)} or give a class_path spec."
             )
+        if self.target_transform is not None:
+            supported = sorted(getattr(self.kind_obj, "target_transforms", {}))
+            if self.target_transform not in supported:
+                raise ValueError(
+                    f"Task {self.name!r}: target_transform {self.target_transform!r} is not supported by kind "
+                    f"{self.kind!r}; {'choose one of ' + str(supported) if supported else 'use None'}."
+                )
         self.out_features  # noqa: B018 - validates labels / num_outputs early
 
     # --- derived --------------------------------------------------------------------------------

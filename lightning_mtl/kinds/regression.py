@@ -20,16 +20,24 @@ class Regression(TaskKind):
     """Real-valued targets ``[batch]`` (or ``[batch, k]`` with ``num_outputs=k``); missing: NaN. Loss: MSE.
 
     ``labels`` may name the k outputs. Metrics (MAE, RMSE, R²) use the examples whose targets are all present.
+    With ``Task(target_transform="log1p")`` the head learns ``log1p(target)`` (the loss compares on that
+    scale) while metrics and predictions are mapped back with ``expm1`` to the target's units.
 
     Example:
         >>> from lightning_mtl import Task
         >>> Task("stay", kind="regression").describe(torch.tensor([[4.5]]))
         [{'value': 4.5}]
+        >>> round(Task("stay", kind="regression", target_transform="log1p").describe(torch.tensor([[1.0]]))[0]["value"], 4)
+        1.7183
     """
 
     default_loss: ClassVar[str] = "mse"
     needs_labels: ClassVar[bool] = False
     target_dtype: ClassVar[torch.dtype] = torch.float32
+    target_transforms: ClassVar[dict[str, tuple[Callable[[Tensor], Tensor], Callable[[Tensor], Tensor]]]] = {
+        "log1p": (torch.log1p, torch.expm1),
+    }
+    """``Task.target_transform`` name -> (forward applied to targets, inverse applied to outputs)."""
 
     def num_outputs(self, task: Task) -> int:
         if task.num_outputs is not None:
@@ -58,18 +66,32 @@ class Regression(TaskKind):
             raise self._error(
                 task, f"regression targets must be floating point (NaN when missing), got {target.dtype}."
             )
+        if task.target_transform == "log1p" and bool((target <= -1).any()):
+            raise self._error(
+                task,
+                f"target_transform 'log1p' needs targets above -1, got minimum {float(target.nan_to_num(0).min())}.",
+            )
 
     def mask(self, task: Task, outputs: Tensor, target: Tensor) -> Masked:
         outputs, target = self._shape(outputs, target)
         present = ~torch.isnan(target)
         rows = present.all(dim=1)
-        preds, tgt = outputs.detach().float()[rows], target[rows].float()
+        preds, tgt = self._inverse(task, outputs.detach().float()[rows]), target[rows].float()
         if preds.shape[1] == 1:
             preds, tgt = preds[:, 0], tgt[:, 0]
-        return Masked(outputs[present], target[present].to(outputs.dtype), preds, tgt, int(rows.sum()))
+        loss_target = target[present]
+        if task.target_transform is not None:
+            loss_target = self.target_transforms[task.target_transform][0](loss_target.float())
+        return Masked(outputs[present], loss_target.to(outputs.dtype), preds, tgt, int(rows.sum()))
+
+    def _inverse(self, task: Task, outputs: Tensor) -> Tensor:
+        """Head outputs in the target's units (undoing ``task.target_transform``)."""
+        if task.target_transform is None:
+            return outputs
+        return self.target_transforms[task.target_transform][1](outputs)
 
     def postprocess(self, task: Task, outputs: Tensor) -> Tensor:
-        outputs = outputs.float().reshape(outputs.shape[0], -1)
+        outputs = self._inverse(task, outputs.float().reshape(outputs.shape[0], -1))
         return outputs[:, 0] if outputs.shape[1] == 1 else outputs
 
     def describe(self, task: Task, probs: Tensor) -> list[dict[str, Any]]:

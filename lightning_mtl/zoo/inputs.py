@@ -26,8 +26,10 @@ def read_inputs(
     """Turn command-line inputs into ``(a label per example, what module.predict takes)``.
 
     ``inputs`` are texts (for a backbone with ``preprocess``), one CSV file (tabular models: its
-    numeric feature columns, chosen by ``feature_names`` when the config records them), or image
-    files (a ``[batch, channels, height, width]`` tensor). ``config`` is the entry's ``config.json``.
+    numeric feature columns, chosen by ``feature_names`` when the config records them; for a backbone
+    whose ``input_kind`` is ``"table"``, its rows as a DataFrame, which the backbone's ``preprocess``
+    checks and encodes), or image files (a ``[batch, channels, height, width]`` tensor). ``config`` is
+    the entry's ``config.json``.
 
     Example:
         >>> config = {"hparams": {"backbone": {"class_path": "lightning_mtl.backbones.HFEncoder"}}}
@@ -37,9 +39,12 @@ def read_inputs(
     who = f"model {model!r}" if model else "this model"
     backbone = (config.get("hparams") or {}).get("backbone") or {}
     try:
-        takes_text = hasattr(import_object(str(backbone.get("class_path"))), "preprocess")
+        cls = import_object(str(backbone.get("class_path")))
     except (ImportError, ValueError):
-        takes_text = False
+        cls = None
+    # What the backbone's `preprocess` reads: "text" unless the class says otherwise (e.g. "table").
+    input_kind = getattr(cls, "input_kind", "text" if hasattr(cls, "preprocess") else None)
+    takes_text = input_kind == "text"
     suffixes = [Path(i).suffix.lower() for i in inputs]
     files = ".csv" in suffixes or any(s in IMAGE_SUFFIXES for s in suffixes)
     if files and takes_text:
@@ -47,6 +52,9 @@ def read_inputs(
     if ".csv" in suffixes:
         if len(inputs) != 1:
             raise InputError(f"a CSV file must be the only INPUT; got {len(inputs)} inputs: {inputs}.")
+        if input_kind == "table":
+            frame = _load_csv(Path(inputs[0]))
+            return [f"row {i + 1}" for i in range(len(frame))], frame
         return _read_csv(Path(inputs[0]), config)
     if files:
         if not all(s in IMAGE_SUFFIXES for s in suffixes):
@@ -75,11 +83,9 @@ def _in_features(config: dict[str, Any]) -> int | None:
     return value if isinstance(value, int) else None
 
 
-def _read_csv(path: Path, config: dict[str, Any]) -> tuple[list[str], Any]:
-    """The model's numeric input features from a CSV file, one example per row."""
-    import numpy as np
+def _load_csv(path: Path) -> Any:
+    """A CSV file as a DataFrame with at least one data row (empty cells are NaN)."""
     import pandas as pd
-    import torch
 
     if not path.is_file():
         raise InputError(f"{path}: no such file.")
@@ -89,6 +95,16 @@ def _read_csv(path: Path, config: dict[str, Any]) -> tuple[list[str], Any]:
         raise InputError(f"{path}: cannot be read as CSV ({err}).") from None
     if frame.empty:
         raise InputError(f"{path}: has no data rows.")
+    return frame
+
+
+def _read_csv(path: Path, config: dict[str, Any]) -> tuple[list[str], Any]:
+    """The model's numeric input features from a CSV file, one example per row."""
+    import numpy as np
+    import pandas as pd
+    import torch
+
+    frame = _load_csv(path)
     names = _setting(config, "feature_names")
     numeric = [
         str(c)

@@ -346,6 +346,8 @@ WITHOUT_WEIGHTS = [p for p in REPO_ENTRIES if not (p / "model.safetensors").is_f
 
 def example_inputs(module: MultiTaskModule, n: int = 3):
     """Inputs any entry of its backbone's family takes; extend this when the zoo gains a new family."""
+    if getattr(module.backbone, "input_kind", None) == "table":  # raw rows, every value unknown (imputed)
+        return [dict.fromkeys(module.backbone.pipeline.columns) for _ in range(n)]
     if callable(getattr(module.backbone, "preprocess", None)):
         return ["An example sentence.", "A second, somewhat longer example to exercise the padding.", "ok"][
             :n
