@@ -284,3 +284,18 @@ def test_construction_errors():
         MultiTaskModule(MLPBackbone(8), [TABULAR_TASKS[0], TABULAR_TASKS[0]])
     with pytest.raises(ValueError, match=r"Balancer 'equal' does not use Task.weight"):
         MultiTaskModule(MLPBackbone(8), [Task("a", kind="binary", weight=2.0)], balancer="equal")
+
+
+def test_train_metrics_can_be_switched_off():
+    data = toy_tabular(64)
+    loader = torch.utils.data.DataLoader(DictDataset(data), batch_size=16)
+    torch.manual_seed(0)
+    module = MultiTaskModule(MLPBackbone(8, hidden=(16,)), TABULAR_TASKS, train_metrics=False)
+    trainer = fit(module, loader, steps=8, limit_val_batches=2)  # two epochs
+    logged = dict(trainer.callback_metrics)
+    assert "train/risk/loss" in logged
+    assert not any(k.startswith("train/") and k.count("/") == 2 and not k.endswith("/loss") for k in logged)
+    trainer.validate(module, loader, verbose=False)
+    assert "val/risk/accuracy" in trainer.callback_metrics
+    assert module.metrics["train_risk"]["accuracy"].update_count == 0
+    assert module.hparams["train_metrics"] is False

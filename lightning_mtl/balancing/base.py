@@ -55,6 +55,7 @@ class StepContext:
     features: list[Tensor]
     backbone: nn.Module
     loss_scale: Tensor
+    amp_scaled: bool = False  # whether a GradScaler is active (``loss_scale`` may then differ from 1)
 
     def shared_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.backbone.parameters() if p.requires_grad]

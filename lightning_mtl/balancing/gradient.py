@@ -189,7 +189,7 @@ def _task_jacobian(
     names: Sequence[str],
     inputs: Sequence[Tensor],
     task_inputs: Mapping[str, Sequence[Tensor]],
-    scale: Tensor,
+    scale: Tensor | None,
     batched: bool,
     retain_last: bool,
 ) -> tuple[Tensor, dict[str, tuple[Tensor | None, ...]]]:
@@ -197,13 +197,20 @@ def _task_jacobian(
     and each task's own gradients of ``task_inputs[t]`` (its head) on the way."""
     sizes = [t.numel() for t in inputs]
     device = inputs[0].device
-    jac = torch.zeros(len(names), sum(sizes), device=device, dtype=torch.float32)
+    jac = torch.empty(len(names), sum(sizes), device=device, dtype=torch.float32)
     own: dict[str, tuple[Tensor | None, ...]] = {}
     local = [n for n in names if n in losses]
+    for i, name in enumerate(names):
+        if name not in losses:  # absent on this rank (present on another): a zero row
+            jac[i].zero_()
+
+    def scaled(loss: Tensor) -> Tensor:
+        return loss if scale is None else loss * scale
+
     if batched and local:
         extra = [p for n in local for p in task_inputs.get(n, ())]
         eye = torch.eye(len(local), device=device, dtype=losses[local[0]].dtype)
-        stacked = torch.stack([losses[n] * scale for n in local])
+        stacked = torch.stack([scaled(losses[n]) for n in local])
         grads = torch.autograd.grad(
             stacked,
             [*inputs, *extra],
@@ -217,6 +224,8 @@ def _task_jacobian(
         for g, size in zip(grads[: len(inputs)], sizes):
             if g is not None:
                 jac[rows, offset : offset + size] = g.reshape(len(local), -1).float()
+            else:
+                jac[rows, offset : offset + size] = 0.0
             offset += size
         start = len(inputs)
         for k, n in enumerate(local):
@@ -230,7 +239,7 @@ def _task_jacobian(
             extra = list(task_inputs.get(name, ()))
             last = name == local[-1]
             grads = torch.autograd.grad(
-                losses[name] * scale,
+                scaled(losses[name]),
                 [*inputs, *extra],
                 retain_graph=retain_last or not last,
                 allow_unused=True,
@@ -239,10 +248,13 @@ def _task_jacobian(
             for g, size in zip(grads[: len(inputs)], sizes):
                 if g is not None:
                     jac[i, offset : offset + size] = g.reshape(-1)
+                else:  # this input does not reach task i's loss
+                    jac[i, offset : offset + size].zero_()
                 offset += size
             own[name] = tuple(grads[len(inputs) :])
-    jac.div_(scale)
-    own = {n: tuple(None if g is None else g / scale for g in gs) for n, gs in own.items()}
+    if scale is not None:
+        jac.div_(scale)
+        own = {n: tuple(None if g is None else g / scale for g in gs) for n, gs in own.items()}
     return jac, own
 
 
@@ -271,7 +283,7 @@ def jacobian_step(
     """
     losses = balancer.prepare_losses(losses)
     names = _global_names(balancer, list(losses))
-    scale = context.loss_scale
+    scale = context.loss_scale if context.amp_scaled else None  # skip two T x P passes without AMP
     world = torch.distributed.get_world_size() if is_distributed() else 1
     own_params = {n: [p for p in task_params.get(n, ()) if p.requires_grad] for n in names}
 
@@ -284,10 +296,12 @@ def jacobian_step(
         for n in losses:
             params = own_params[n]
             if params and float(weights[n]) != 1.0:
-                plain = torch.autograd.grad(losses[n] * scale, params, retain_graph=True, allow_unused=True)
+                loss = losses[n] if scale is None else losses[n] * scale
+                plain = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
                 for p, g in zip(params, plain):
                     if g is not None:
-                        surrogate = surrogate + (p * ((1 - weights[n]) * g / scale).detach()).sum()
+                        g = g if scale is None else g / scale
+                        surrogate = surrogate + (p * ((1 - weights[n]) * g).detach()).sum()
         return Balanced(loss=surrogate, weights=weights)
 
     if balancer.mode == "params":

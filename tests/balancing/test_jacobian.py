@@ -117,7 +117,9 @@ def test_loss_scale_is_removed_before_the_method_sees_the_gradients():
     ctx1 = StepContext(features=feats, backbone=module.backbone, loss_scale=torch.tensor(1.0))
     out1 = jacobian_step(module.balancer, losses, ctx1, module._task_parameters(), retain_graph=True)
     gram1 = module.balancer.last_gram
-    ctx2 = StepContext(features=feats, backbone=module.backbone, loss_scale=torch.tensor(2.0**16))
+    ctx2 = StepContext(
+        features=feats, backbone=module.backbone, loss_scale=torch.tensor(2.0**16), amp_scaled=True
+    )
     out2 = jacobian_step(module.balancer, losses, ctx2, module._task_parameters())
     torch.testing.assert_close(module.balancer.last_gram, gram1)
     g1 = torch.autograd.grad(out1.loss, list(module.backbone.parameters()), retain_graph=True)
