@@ -18,6 +18,12 @@ sys.path.insert(0, str(HELPER.parent))
 from ddp_balancers import PER_RANK_BATCH, N, build, dataset, variant_id  # noqa: E402
 
 VARIANTS = balancer_variants()
+# Methods whose objective is a non-linear function of each rank's *local* losses (GLS's geometric mean,
+# FAMO's log-losses over c, DB-MTL's log-losses), and GradDrop on representation gradients (its random
+# draws fall on each rank's own examples): DDP averages their per-rank gradients, which is not the
+# gradient single-process training computes on the global batch. Their ranks still agree exactly and their
+# state updates use globally reduced quantities; docs/balancers.md says so.
+PER_RANK = {("gls", ()), ("famo", ()), ("db_mtl", ()), ("graddrop", ())}
 
 
 @pytest.fixture(scope="module")
