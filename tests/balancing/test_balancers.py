@@ -124,7 +124,8 @@ def test_create_balancer_from_name():
     assert type(create_balancer("static")) is StaticWeighting
     assert type(create_balancer(None)) is StaticWeighting  # the default
     with pytest.raises(
-        KeyError, match=r"Unknown balancer 'nope'\. Registered balancers: \[.*'equal', .*'static', .*'upgrad'\]"
+        KeyError,
+        match=r"Unknown balancer 'nope'\. Registered balancers: \[.*'equal', .*'static', .*'upgrad'\]",
     ):
         create_balancer("nope")
 
