@@ -62,6 +62,8 @@ def test_ddp_ranks_agree_and_match_one_process(ddp_results, name, kwargs):
         assert ranks[0]["steps"] == ranks[1]["steps"] == 3 * N // (2 * PER_RANK_BATCH)
         assert torch.isfinite(ranks[0]["params"]).all()
         assert torch.equal(ranks[0]["params"], ranks[1]["params"]), f"{vid}/{scenario}: the replicas diverged"
+    if (name, tuple(kwargs.items())) in PER_RANK:
+        return
     same = torch.load(ddp_results / f"{vid}-same-rank0.pt", weights_only=True)["params"]
     # Parameters move ~6e-2 in these 6 AdamW steps (lr 1e-2); a wrong decision (a rank-local weight, a factor
     # of the world size) shows up at 1e-2. The tolerance absorbs float reordering in the all-reduce, which
