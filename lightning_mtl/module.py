@@ -346,8 +346,12 @@ class MultiTaskModule(HubMixin, TransferMixin, L.LightningModule):
             raise ValueError(
                 "The training batch has no labelled example for any task: nothing to learn from."
             )
+        scale = self._loss_scale()
         context = StepContext(
-            features=self._step_features, backbone=self.backbone, loss_scale=self._loss_scale()
+            features=self._step_features,
+            backbone=self.backbone,
+            loss_scale=scale,
+            amp_scaled=scale is not self._unit_scale,  # a GradScaler is active
         )
         if isinstance(self.balancer, GradientBalancer):
             balanced = jacobian_step(
