@@ -353,10 +353,9 @@ class MultiTaskModule(HubMixin, TransferMixin, L.LightningModule):
             loss_scale=scale,
             amp_scaled=scale is not self._unit_scale,  # a GradScaler is active
         )
+        task_params = self._task_parameters()
         if isinstance(self.balancer, GradientBalancer):
-            balanced = jacobian_step(
-                self.balancer, losses, context, self._task_parameters(), retain_graph=bool(extras)
-            )
+            balanced = jacobian_step(self.balancer, losses, context, task_params, retain_graph=bool(extras))
         else:
             balanced = self.balancer(losses, context)
         self.balancer.calls += 1
@@ -366,7 +365,7 @@ class MultiTaskModule(HubMixin, TransferMixin, L.LightningModule):
         total = balanced.loss + sum(extras.values(), torch.zeros((), device=balanced.loss.device))
         absent = [n for n in self.tasks if n not in losses]
         if absent:  # keep every head in the graph so DDP does not report unused parameters
-            total = total + sum(p.sum() * 0.0 for n in absent for p in self._task_parameters()[n])
+            total = total + sum(p.sum() * 0.0 for n in absent for p in task_params[n])
         bs = self._batch_size(batch)
         for name, loss in losses.items():
             self.log(
