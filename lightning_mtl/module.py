@@ -378,8 +378,12 @@ class MultiTaskModule(HubMixin, TransferMixin, L.LightningModule):
             )
         for name, term in extras.items():
             self.log(f"train/extra/{name}", term.detach(), on_step=True, on_epoch=False, batch_size=bs)
-        for name, w in balanced.weights.items():
-            self.log(f"weights/{name}", w.float(), on_step=True, on_epoch=False, batch_size=bs)
+        # An fp16 overflow gives NaN weights on a step the GradScaler skips: log only real decisions (the
+        # scaler synchronises with the host on this step anyway).
+        weights = list(balanced.weights.values())
+        if not context.amp_scaled or bool(torch.isfinite(torch.stack(weights)).all()):
+            for name, w in balanced.weights.items():
+                self.log(f"weights/{name}", w.float(), on_step=True, on_epoch=False, batch_size=bs)
         # The objective: the balanced loss (loss weighting) or, for gradient methods whose returned loss is
         # a surrogate, the plain sum of task losses; extra terms included either way.
         shown = total if self.balancer.family == "loss" else sum(losses.values()) + sum(extras.values())

@@ -153,6 +153,8 @@ class GradientBalancer(Balancer):
             return
         idx = [self.task_names.index(n) for n in names]
         self.cached_mask.zero_()
+        if not bool(torch.isfinite(weights).all()):  # an overflowed (skipped) step: recompute next step
+            return
         self.cached_mask[idx] = True
         self.cached_weights.zero_()
         self.cached_weights[idx] = weights.detach().to(self.cached_weights)

@@ -99,5 +99,9 @@ class GradVac(GradientBalancer):
             coef[rows, j] += w
             cg += w[:, None] * gram[j]
             phi[rows, j] = (1 - self.beta) * target + self.beta * cos
-        self.targets[idx[:, None], idx] = phi.to(self.targets)
+        # An fp16 overflow (a step the GradScaler skips) must not poison the targets.
+        finite = torch.isfinite(gram).all()
+        self.targets[idx[:, None], idx] = torch.where(
+            finite, phi, self.targets[idx[:, None], idx].to(phi)
+        ).to(self.targets)
         return coef.sum(0)

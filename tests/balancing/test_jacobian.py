@@ -151,6 +151,28 @@ def test_update_every_recomputes_when_the_present_tasks_change():
     assert module.balancer.gram_calls == 2
 
 
+class OverflowOnce(FixedWeights):
+    """NaN weights on its first call, as an fp16 overflow gives (a step the GradScaler skips)."""
+
+    def weights_from_gram(self, gram, names):
+        w = super().weights_from_gram(gram, names)
+        return torch.full_like(w, torch.nan) if self.gram_calls == 1 else w
+
+
+def test_overflowed_step_weights_are_not_reused_or_logged(monkeypatch):
+    module, batch = make_module(OverflowOnce(update_every=10))
+    logged: dict[str, torch.Tensor] = {}
+    monkeypatch.setattr(module, "log", lambda key, value, **kw: logged.__setitem__(key, value))
+    monkeypatch.setattr(module, "_loss_scale", lambda: torch.tensor(2.0**10))  # an active GradScaler
+    module.training_step(batch, 0)
+    assert "weights/a" not in logged and "train/loss" in logged  # the skipped step's NaN is not logged
+    module.training_step(batch, 1)  # not reused: computed again
+    assert module.balancer.gram_calls == 2
+    torch.testing.assert_close(logged["weights/a"].double(), WEIGHTS[0])
+    module.training_step(batch, 2)  # finite weights are reused as usual
+    assert module.balancer.gram_calls == 2
+
+
 def test_absent_task_keeps_its_head_in_the_graph_with_zero_gradient():
     module, batch = make_module(FixedWeights())
     module.zero_grad()
