@@ -2,7 +2,8 @@
 
 The multi-task model is a zoo entry (or an artifact folder); the single-task twins are built from its
 config: the same backbone architecture with one of its heads each (weights do not change the cost, so
-they stay as initialised). Two measurements per batch size, each timed for every variant in turn within
+they stay as initialised; a CNN twin of a classification task is built without the decoder it would
+not use, as the vision recipe trains it). Two measurements per batch size, each timed for every variant in turn within
 the same round (round-robin, so a busy machine slows all variants alike), reported as the median over
 rounds:
 
@@ -43,8 +44,12 @@ def single_task_twins(model: MultiTaskModule) -> list[MultiTaskModule]:
     twins = []
     for task in hp["tasks"]:
         torch.manual_seed(0)
+        backbone = dict(hp["backbone"])
+        init = dict(backbone.get("init_args") or {})
+        if init.get("decoder_channels") and task["kind"] != "dense":  # a classifier needs no decoder
+            backbone["init_args"] = {**init, "decoder_channels": 0}
         twin = MultiTaskModule(
-            dict(hp["backbone"]), [task], feature_dim=hp.get("feature_dim"), input_keys=hp.get("input_keys")
+            backbone, [task], feature_dim=hp.get("feature_dim"), input_keys=hp.get("input_keys")
         )
         twins.append(twin.eval())
     return twins
@@ -52,7 +57,8 @@ def single_task_twins(model: MultiTaskModule) -> list[MultiTaskModule]:
 
 def raw_inputs(model: MultiTaskModule, n: int) -> Any:
     """``n`` raw examples the model's backbone reads: SUPPORT2 records for a table model trained on its
-    columns (else rows of unknown values), texts for a text encoder, random features otherwise."""
+    columns (else rows of unknown values), texts for a text encoder, Multi-Fashion test canvases for an
+    image model (else random images), random features otherwise."""
     backbone = model.backbone
     pipeline = getattr(backbone, "pipeline", None)
     if pipeline is not None:
@@ -69,7 +75,20 @@ def raw_inputs(model: MultiTaskModule, n: int) -> Any:
         return pd.DataFrame([dict.fromkeys(pipeline.columns)] * n)
     if callable(getattr(backbone, "preprocess", None)):
         return [TEXT] * n
-    width = (model.hparams["backbone"].get("init_args") or {}).get("in_features")
+    init = model.hparams["backbone"].get("init_args") or {}
+    if isinstance(init.get("image_size"), list):  # an image model: Multi-Fashion test canvases if it is one
+        size = init["image_size"]
+        try:
+            from lightning_mtl.data.multi_fashion import multi_fashion
+
+            if init.get("in_channels", 1) == 1 and size[0] == size[1]:
+                canvases = multi_fashion("test", size=size[0], limit=n)
+                if len(canvases) == n:
+                    return canvases[list(range(n))]["image"]
+        except FileNotFoundError:
+            pass
+        return torch.rand(n, init.get("in_channels", 1), *size, generator=torch.Generator().manual_seed(0))
+    width = init.get("in_features")
     if not isinstance(width, int):
         raise SystemExit(f"no example inputs for {type(backbone).__name__}; add a case to raw_inputs().")
     return torch.randn(n, width, generator=torch.Generator().manual_seed(0))

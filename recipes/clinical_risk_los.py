@@ -42,7 +42,6 @@ carries the measured numbers and the command.
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import math
@@ -59,13 +58,14 @@ import lightning as L
 import numpy as np
 import pandas as pd
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from typing_extensions import override
 
 from lightning_mtl import MultiTaskModule, Task
 from lightning_mtl.backbones import TabularMLP
+from lightning_mtl.callbacks import BestValidation
 from lightning_mtl.data.support2 import input_columns, support2
+from lightning_mtl.evaluation import delta_m, delta_m_line, format_table, mean_std
 from lightning_mtl.tabular import TabularDataModule
 
 ZOO_DIR = Path(__file__).resolve().parents[1] / "zoo"
@@ -114,45 +114,6 @@ FAST_ARGS = [
     "--trainer.max_epochs=3",
     "--hgb_max_iter=10",
 ]
-
-
-class BestValidation(Callback):
-    """Keeps the weights of the epoch with the lowest validation loss (the sum of the module's task
-    losses) and stops training after ``patience`` epochs without an improvement of ``min_delta``.
-    At the end of ``fit`` the module holds the best weights; ``best_epoch`` and ``best_score`` say which."""
-
-    def __init__(self, patience: int = 6, min_delta: float = 1e-4) -> None:
-        self.patience = patience
-        self.min_delta = min_delta
-        self._reset()
-
-    def _reset(self) -> None:
-        self.best_score = math.inf
-        self.best_epoch = -1
-        self.best_state: dict[str, torch.Tensor] | None = None
-        self.wait = 0
-
-    @override
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._reset()  # the same callback object serves every fit of the recipe
-
-    @override
-    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking:
-            return
-        tasks = getattr(pl_module, "tasks", {})
-        score = sum(float(trainer.callback_metrics[f"val/{name}/loss"]) for name in tasks)
-        if score < self.best_score - self.min_delta:
-            self.best_score, self.best_epoch, self.wait = score, trainer.current_epoch, 0
-            self.best_state = copy.deepcopy(pl_module.state_dict())
-        else:
-            self.wait += 1
-            trainer.should_stop = trainer.should_stop or self.wait >= self.patience
-
-    @override
-    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.best_state is not None:
-            pl_module.load_state_dict(self.best_state)
 
 
 class ClinicalModule(MultiTaskModule):
@@ -316,26 +277,9 @@ def gradient_boosting(
     return np.expm1(test), best + 1
 
 
-def delta_m(
-    mtl: Mapping[str, Mapping[str, float]], stl: Mapping[str, Mapping[str, float]]
-) -> dict[str, float]:
-    """Δm% of ``mtl`` vs ``stl`` (positive: ``mtl`` better): LibMTL's mean over tasks of the per-task
-    mean relative change, and the flat mean over all metrics (Nash-MTL / FAMO weighting)."""
-    per_task: list[float] = []
-    flat: list[float] = []
-    for name, values in mtl.items():
-        higher = METRICS[TASK_BY_NAME[name].kind]
-        changes = [
-            (1 if higher[m] else -1) * (values[m] - stl[name][m]) / abs(stl[name][m]) * 100 for m in higher
-        ]
-        per_task.append(float(np.mean(changes)))
-        flat += changes
-    return {"per_task_mean": float(np.mean(per_task)), "flat_mean": float(np.mean(flat))}
-
-
-def mean_std(values: Sequence[float]) -> dict[str, float]:
-    arr = np.asarray(values, dtype="float64")
-    return {"mean": float(arr.mean()), "std": float(arr.std(ddof=1)) if arr.size > 1 else 0.0}
+def higher_is_better(names: Sequence[str]) -> dict[str, dict[str, bool]]:
+    """The compared metrics of each task and their direction (for Δm%)."""
+    return {name: METRICS[TASK_BY_NAME[name].kind] for name in names}
 
 
 def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -409,16 +353,7 @@ def results_table(summary: Mapping[str, Any]) -> str:
                 d = summary["multi_task_minus"][other].get(name, {}).get(metric)
                 cells.append(f"{d['mean']:+.4f} ± {d['std']:.4f}" if d else "-")
             rows.append(cells)
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    lines = [" | ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
-    lines.insert(1, "-+-".join("-" * w for w in widths))
-    dm = summary["delta_m_percent"]
-    lines.append(
-        f"\nΔm% multi-task vs single-task (+ = multi-task better): {dm['per_task_mean']['mean']:+.2f} ± "
-        f"{dm['per_task_mean']['std']:.2f} (LibMTL: mean over tasks of the per-task mean); "
-        f"{dm['flat_mean']['mean']:+.2f} ± {dm['flat_mean']['std']:.2f} (flat mean over metrics)"
-    )
-    return "\n".join(lines)
+    return format_table(rows) + "\n\n" + delta_m_line(summary["delta_m_percent"])
 
 
 # --- the run ----------------------------------------------------------------------------------------
@@ -478,7 +413,9 @@ def run_seed(cli: RecipeCLI, data: ClinicalData, seed: int) -> tuple[dict[str, A
     run = {
         "seed": seed,
         "test": results,
-        "delta_m": delta_m(results["multi-task"], results["single-task"]),
+        "delta_m": delta_m(
+            results["multi-task"], results["single-task"], higher_is_better(list(results["multi-task"]))
+        ),
         "timing": timing,
         "sizes": {s: len(f) for s, f in data.frames.items()},
     }

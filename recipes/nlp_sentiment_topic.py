@@ -38,6 +38,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning_mtl import MultiTaskDataModule, MultiTaskModule, Task
 from lightning_mtl.backbones import PACKAGED_MINILM, HFEncoder
 from lightning_mtl.data.embedded import PACKAGED, SENTIMENT_LABELS, TOPIC_LABELS, bbc_news, rotten_tomatoes
+from lightning_mtl.evaluation import format_table, per_task
 
 ZOO_DIR = Path(__file__).resolve().parents[1] / "zoo"
 ENTRY = "nlp-sentiment-topic"
@@ -155,22 +156,9 @@ class RecipeCLI(LightningCLI):
 def results_table(results: dict[str, dict[str, float]]) -> str:
     """A per-task table of test metrics."""
     metrics = sorted({m for r in results.values() for m in r})
-    rows = [["task", *metrics]] + [
-        [task, *(f"{r[m]:.4f}" if m in r else "-" for m in metrics)] for task, r in results.items()
-    ]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = [" | ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
-    lines.insert(1, "-+-".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
-def per_task(metrics: dict[str, Any], stage: str) -> dict[str, dict[str, float]]:
-    out: dict[str, dict[str, float]] = {}
-    for key, value in metrics.items():
-        parts = key.split("/")
-        if len(parts) == 3 and parts[0] == stage:
-            out.setdefault(parts[1], {})[parts[2]] = float(value)
-    return out
+    rows = [["task", *metrics]]
+    rows += [[task, *(f"{r[m]:.4f}" if m in r else "-" for m in metrics)] for task, r in results.items()]
+    return format_table(rows)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -13,6 +13,7 @@ import pytest
 
 from lightning_mtl import MultiTaskModule, zoo
 from lightning_mtl.data.support2 import support2
+from lightning_mtl.evaluation import delta_m
 
 RECIPE = Path(__file__).parents[2] / "recipes" / "clinical_risk_los.py"
 TASKS = ["diabetes", "death", "length_of_stay"]
@@ -63,7 +64,8 @@ def test_recipe_fast_mode(recipe, tmp_path):
     assert run["timing"]["multi-task"]["epochs"] <= 3
     assert 1 <= run["timing"]["gradient boosting"]["death"]["trees"] <= 10
     # Δm% is recomputed from the per-task metrics, and the summary carries it with the paired differences
-    assert run["delta_m"] == recipe.delta_m(run["test"]["multi-task"], run["test"]["single-task"])
+    mtl, stl = run["test"]["multi-task"], run["test"]["single-task"]
+    assert run["delta_m"] == delta_m(mtl, stl, recipe.higher_is_better(list(mtl)))
     assert result["delta_m_percent"]["per_task_mean"]["mean"] == pytest.approx(
         run["delta_m"]["per_task_mean"]
     )
@@ -94,18 +96,12 @@ def test_recipe_fast_mode(recipe, tmp_path):
     assert ckpt.predict(ckpt.backbone.preprocess(rows)) == predictions
 
 
-def test_delta_m_definition(recipe):
-    """LibMTL's per-task mean and the flat mean over metrics; positive means the multi-task model is better."""
-    stl = {
-        "death": {"auroc": 0.80, "auprc": 0.50, "brier": 0.20},
-        "length_of_stay": {"mae": 10.0, "rmse": 20.0},
+def test_delta_m_directions(recipe):
+    """Higher is better for AUROC/AUPRC, lower for Brier score and the errors in days."""
+    assert recipe.higher_is_better(["death", "length_of_stay"]) == {
+        "death": {"auroc": True, "auprc": True, "brier": False},
+        "length_of_stay": {"mae": False, "rmse": False},
     }
-    mtl = {
-        "death": {"auroc": 0.88, "auprc": 0.50, "brier": 0.20},
-        "length_of_stay": {"mae": 11.0, "rmse": 20.0},
-    }
-    # death: (+10 + 0 + 0) / 3; stay: (-10 + 0) / 2
-    assert recipe.delta_m(mtl, stl) == pytest.approx({"per_task_mean": (10 / 3 - 5) / 2, "flat_mean": 0.0})
 
 
 def test_targets_flag_a_task_worse_beyond_seed_noise(recipe):

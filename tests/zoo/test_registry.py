@@ -352,9 +352,13 @@ def example_inputs(module: MultiTaskModule, n: int = 3):
         return ["An example sentence.", "A second, somewhat longer example to exercise the padding.", "ok"][
             :n
         ]
-    width = (module.hparams["backbone"].get("init_args") or {}).get("in_features")
+    init = module.hparams["backbone"].get("init_args") or {}
+    width = init.get("in_features")
     if isinstance(width, int):
         return torch.randn(n, width, generator=torch.Generator().manual_seed(0))
+    if isinstance(init.get("image_size"), list):  # images in [0, 1]
+        shape = (n, init.get("in_channels", 1), *init["image_size"])
+        return torch.rand(shape, generator=torch.Generator().manual_seed(0))
     pytest.fail(
         f"example_inputs() knows no inputs for {module.hparams['backbone']['class_path']}; add a case."
     )
