@@ -102,9 +102,13 @@ class DBMTL(GradientBalancer):
         rows = self.index(names).to(jacobian.device)
         self.steps[rows] += 1
         rate = self.beta / self.steps[rows].to(jacobian.dtype) ** self.beta_sigma
-        ema = jacobian + rate[:, None] * (self.grad_ema[rows].to(jacobian.dtype) - jacobian)
-        self.grad_ema[rows] = ema.to(self.grad_ema.dtype)
-        sq = (ema * ema).sum(1)
+        if len(names) == len(self.task_names) and self.grad_ema.dtype == jacobian.dtype:
+            # every task present (rows in order): update the EMA in place, no T x P temporaries
+            ema = self.grad_ema.lerp_(jacobian, (1 - rate)[:, None])
+        else:
+            ema = jacobian + rate[:, None] * (self.grad_ema[rows].to(jacobian.dtype) - jacobian)
+            self.grad_ema[rows] = ema.to(self.grad_ema.dtype)
+        sq = torch.linalg.vector_norm(ema, dim=1) ** 2
         floor = 1e-12 * sq.sum() / len(names) + torch.finfo(sq.dtype).tiny
         norms = sq.clamp_min(floor).sqrt()
         scale = torch.where(sq > floor, norms.max() / norms, 0.0)  # zero EMA rows stay out

@@ -64,14 +64,24 @@ class GradDrop(GradientBalancer):
         self.leak = {k: float(v) for k, v in leak.items()} if isinstance(leak, Mapping) else float(leak)
 
     def aggregate(self, jacobian: Tensor, names: Sequence[str]) -> tuple[Tensor, Tensor]:
-        total, mass = jacobian.sum(0), jacobian.abs().sum(0)
+        # M_t keeps g_t where its sign is the chosen one, so the kept sum is the sum of the positive parts
+        # (sum |g| + sum g) / 2 where the positive sign is chosen (P > U), of the negative parts
+        # (sum g - sum |g|) / 2 where P < U, and 0 where P == U: two reductions, no T x P temporaries.
+        total = jacobian.sum(0)
+        mass = torch.linalg.vector_norm(jacobian, ord=1, dim=0)
         purity = 0.5 * (1 + total / mass.clamp_min(torch.finfo(mass.dtype).tiny))  # 0.5 where all are 0
         gen = self.generator(jacobian.device)
         draw = torch.rand(purity.shape, generator=gen, device=jacobian.device, dtype=jacobian.dtype)
-        keep = ((purity > draw) & (jacobian > 0)) | ((purity < draw) & (jacobian < 0))
-        leak: float | Tensor = self.leak if isinstance(self.leak, float) else 0.0
-        if isinstance(self.leak, dict):
+        base: Tensor | None = None
+        if isinstance(self.leak, dict):  # M_t -> l_t + (1 - l_t) M_t, per task
             per_task = [self.leak.get(n, 0.0) for n in names]
-            leak = torch.tensor(per_task, dtype=jacobian.dtype, device=jacobian.device)[:, None]
-        direction = ((leak + (1 - leak) * keep) * jacobian).sum(0)
+            leak = torch.tensor(per_task, dtype=jacobian.dtype, device=jacobian.device)
+            keep = 1 - leak
+            total, mass = keep @ jacobian, keep @ jacobian.abs()
+            base = leak @ jacobian
+        elif self.leak:
+            base = self.leak * total
+            total, mass = (1 - self.leak) * total, (1 - self.leak) * mass
+        kept = torch.where(purity > draw, total + mass, torch.where(purity < draw, total - mass, 0.0)) / 2
+        direction = kept if base is None else base + kept
         return direction, self.implied_weights(jacobian, direction)

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping, Sequence
-from typing import ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
 from torch import Tensor, nn
@@ -98,6 +98,7 @@ class GradientBalancer(Balancer):
         self.jacobian = jacobian
         self.memory_budget_mb = float(memory_budget_mb)
         self._warned_memory = False
+        self._workspace: Tensor | None = None
 
     def setup(self, tasks: Sequence[object]) -> None:  # type: ignore[override]
         super().setup(tasks)  # type: ignore[arg-type]
@@ -159,6 +160,18 @@ class GradientBalancer(Balancer):
         self.cached_weights.zero_()
         self.cached_weights[idx] = weights.detach().to(self.cached_weights)
 
+    def workspace(self, rows: int, cols: int, device: torch.device) -> Tensor:
+        """The ``rows x cols`` float32 matrix the per-task gradients are written into, kept between steps.
+
+        Reusing it is what a GPU caching allocator does anyway; on CPU it saves mapping and page-faulting a
+        fresh matrix every step (it is larger than malloc reuses from its heap). Not part of the state dict.
+        """
+        ws = self._workspace
+        if ws is None or ws.shape != (rows, cols) or ws.device != device:
+            self._workspace = None  # free the old one first
+            ws = self._workspace = torch.empty(rows, cols, device=device, dtype=torch.float32)
+        return ws
+
     def check_memory(self, rows: int, cols: int) -> None:
         mib = rows * cols * 4 / 2**20
         if mib > self.memory_budget_mb and not self._warned_memory:
@@ -194,12 +207,13 @@ def _task_jacobian(
     scale: Tensor | None,
     batched: bool,
     retain_last: bool,
+    jac: Tensor,
 ) -> tuple[Tensor, dict[str, tuple[Tensor | None, ...]]]:
     """Rows of ``d L_t / d inputs`` (flattened; zero rows for tasks absent locally), divided by ``scale``,
-    and each task's own gradients of ``task_inputs[t]`` (its head) on the way."""
+    written into ``jac`` (``len(names) x total size``), and each task's own gradients of
+    ``task_inputs[t]`` (its head) on the way."""
     sizes = [t.numel() for t in inputs]
     device = inputs[0].device
-    jac = torch.empty(len(names), sum(sizes), device=device, dtype=torch.float32)
     own: dict[str, tuple[Tensor | None, ...]] = {}
     local = [n for n in names if n in losses]
     for i, name in enumerate(names):
@@ -260,15 +274,40 @@ def _task_jacobian(
     return jac, own
 
 
+class _FixedGradient(torch.autograd.Function):
+    """A zero-valued term whose gradient with respect to each input is a fixed tensor: ``grads[k]`` times
+    the incoming gradient (so loss scaling and ``1 / accumulate_grad_batches`` still apply).
+
+    The same gradient as ``sum_k <inputs_k, grads_k>`` without computing that product: no pass over the
+    parameters in the forward, one multiply per input in the backward.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, grads: tuple[Tensor, ...], *inputs: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.grads = grads
+        return inputs[0].new_zeros((), dtype=torch.float32)
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: Tensor) -> tuple[Any, ...]:  # type: ignore[override]
+        grads = ctx.grads
+        ctx.grads = None  # free the direction once it has been handed out
+        return (None, *(g * grad_output.to(g.dtype) for g in grads))
+
+
 def _linear_term(tensors: Sequence[Tensor], flat: Tensor) -> Tensor:
-    """``sum_k <tensors_k, flat_k>`` with ``flat`` split like ``tensors`` and detached: its gradient is ``flat``."""
-    total = flat.new_zeros(())
+    """A term whose gradient with respect to ``tensors`` is ``flat`` split like them (``flat`` is detached)."""
+    grads = []
     offset = 0
     for t in tensors:
         n = t.numel()
-        total = total + (t * flat[offset : offset + n].view_as(t).detach().to(t.dtype)).sum()
+        grads.append(flat[offset : offset + n].detach().view(t.shape).to(t.dtype))
         offset += n
-    return total
+    return cast(Tensor, _FixedGradient.apply(tuple(grads), *tensors))
+
+
+def _fixed_term(tensors: Sequence[Tensor], grads: Sequence[Tensor]) -> Tensor:
+    """A term whose gradient with respect to ``tensors[k]`` is ``grads[k]`` (detached)."""
+    return cast(Tensor, _FixedGradient.apply(tuple(g.detach() for g in grads), *tensors))
 
 
 def jacobian_step(
@@ -300,10 +339,10 @@ def jacobian_step(
             if params and float(weights[n]) != 1.0:
                 loss = losses[n] if scale is None else losses[n] * scale
                 plain = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
-                for p, g in zip(params, plain):
-                    if g is not None:
-                        g = g if scale is None else g / scale
-                        surrogate = surrogate + (p * ((1 - weights[n]) * g).detach()).sum()
+                used = [(p, g) for p, g in zip(params, plain) if g is not None]
+                if used:
+                    factor = 1 - weights[n] if scale is None else (1 - weights[n]) / scale
+                    surrogate = surrogate + _fixed_term([p for p, _ in used], [g * factor for _, g in used])
         return Balanced(loss=surrogate, weights=weights)
 
     if balancer.mode == "params":
@@ -312,25 +351,36 @@ def jacobian_step(
             raise ValueError(
                 "Gradient balancing with mode='params' needs trainable backbone parameters; all are frozen."
             )
-        balancer.check_memory(len(names), sum(p.numel() for p in shared))
+        cols = sum(p.numel() for p in shared)
+        balancer.check_memory(len(names), cols)
         jac, own = _task_jacobian(
-            losses, names, shared, own_params, scale, balancer.jacobian == "batched", retain_graph
+            losses,
+            names,
+            shared,
+            own_params,
+            scale,
+            balancer.jacobian == "batched",
+            retain_graph,
+            balancer.workspace(len(names), cols, shared[0].device),
         )
         if world > 1:
             torch.distributed.all_reduce(jac)
             jac.div_(world)
         direction, w = _aggregate(balancer, jac, names)
         surrogate = _linear_term(shared, direction)
-        for n, head_grads in own.items():
-            for p, hg in zip(own_params[n], head_grads):
-                if hg is not None:
-                    surrogate = surrogate + (p * hg.detach()).sum()
+        heads = [(p, hg) for n, hgs in own.items() for p, hg in zip(own_params[n], hgs) if hg is not None]
+        if heads:
+            surrogate = surrogate + _fixed_term([p for p, _ in heads], [hg for _, hg in heads])
     else:
         feats = list({id(f): f for f in context.features if f.requires_grad}.values())
         if not feats:
             raise ValueError("Gradient balancing with mode='features' needs features that require grad.")
-        balancer.check_memory(len(names), sum(f.numel() for f in feats))
-        jac, _ = _task_jacobian(losses, names, feats, {}, scale, balancer.jacobian == "batched", True)
+        cols = sum(f.numel() for f in feats)
+        balancer.check_memory(len(names), cols)
+        workspace = balancer.workspace(len(names), cols, feats[0].device)
+        jac, _ = _task_jacobian(
+            losses, names, feats, {}, scale, balancer.jacobian == "batched", True, workspace
+        )
         if balancer.linear:
             gram = (jac @ jac.T).double()
             if world > 1:
@@ -348,5 +398,5 @@ def jacobian_step(
 
 def _aggregate(balancer: GradientBalancer, jac: Tensor, names: Sequence[str]) -> tuple[Tensor, Tensor]:
     if len(names) == 1 and balancer.linear:
-        return jac[0], jac.new_ones(1)
+        return jac[0].clone(), jac.new_ones(1)  # not a view of the workspace, which the next step rewrites
     return balancer.aggregate(jac, names)

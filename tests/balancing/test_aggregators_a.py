@@ -340,3 +340,20 @@ def test_graddrop_leak():
     torch.testing.assert_close(only_t1, torch.where(dropped == jac[0], jac[0], 0.0) + jac[1])
     with pytest.raises(ValueError, match=r"leak must be in \[0, 1\]"):
         GradDrop(leak={"t0": 2.0})
+
+
+@pytest.mark.parametrize("leak", [0.0, 0.3, {"t0": 0.25, "t2": 0.8}])
+def test_graddrop_matches_the_papers_masks(leak):
+    """Against the paper's formula written out with explicit masks M_t (the same uniform draws)."""
+    torch.manual_seed(5)
+    jac = torch.randn(3, 40)
+    jac[:, :5] = jac[:, :5].abs()  # some coordinates where every sign agrees
+    balancer = build(GradDrop, 3, leak=leak)
+    draw = torch.rand(40, generator=balancer.generator(jac.device))  # the draws aggregate() makes
+    purity = 0.5 * (1 + jac.sum(0) / jac.abs().sum(0))
+    masks = (((purity > draw) & (jac > 0)) | ((purity < draw) & (jac < 0))).float()
+    per_task = torch.tensor([leak.get(n, 0.0) if isinstance(leak, dict) else leak for n in names(3)])
+    want = ((per_task[:, None] + (1 - per_task[:, None]) * masks) * jac).sum(0)
+    got, weights = balancer.aggregate(jac, names(3))
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(weights, jac @ want / (jac * jac).sum(1))

@@ -220,3 +220,27 @@ def test_head_only_task_parameters_include_loss_modules():
     module.zero_grad()
     module.training_step(batch, 0).backward()
     assert module.loss_modules["a"].s.grad is not None and float(module.loss_modules["a"].s.grad) != 0.0
+
+
+def test_gradient_matrix_workspace_is_reused_and_not_checkpointed():
+    module, batch = make_module(FixedWeights())
+    module.training_step(batch, 0)
+    first = module.balancer._workspace
+    assert first is not None and first.shape[0] == 2
+    module.training_step(batch, 1)
+    assert module.balancer._workspace is first  # the same memory, rewritten
+    assert not any("workspace" in key for key in module.state_dict())
+    features, _ = make_module(FixedWeights(mode="features"))
+    features.training_step(batch, 0)
+    features.training_step({k: v[:5] for k, v in batch.items()}, 1)  # a smaller batch: a new matrix
+    assert features.balancer._workspace.shape == (2, 5 * 8)
+
+
+def test_single_task_direction_does_not_alias_the_workspace():
+    module, batch = make_module(FixedWeights())
+    losses, _ = module.shared_step({"x": batch["x"], "a": batch["a"]}, "train")
+    ctx = StepContext(features=module._step_features, backbone=module.backbone, loss_scale=torch.tensor(1.0))
+    out = jacobian_step(module.balancer, losses, ctx, module._task_parameters())
+    module.balancer._workspace.fill_(float("nan"))  # the next step rewrites it before this backward
+    grads = torch.autograd.grad(out.loss, list(module.backbone.parameters()))
+    assert all(torch.isfinite(g).all() for g in grads)

@@ -27,7 +27,7 @@ def test_balancer_cost_smoke(capsys: pytest.CaptureFixture[str]) -> None:
     if "pcgrad" not in list_balancers():
         pytest.skip("pcgrad is not registered yet")
     bench = _load()
-    args = ["--tasks", "2", "--steps", "1", "--warmup", "0", "--methods", "equal", "pcgrad", "--in-process"]
+    args = ["--tasks", "2", "--steps", "1", "--warmup", "1", "--methods", "equal", "pcgrad", "--in-process"]
     rows = bench.main(args)
     table = capsys.readouterr().out
 
