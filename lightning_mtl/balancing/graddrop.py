@@ -65,23 +65,35 @@ class GradDrop(GradientBalancer):
 
     def aggregate(self, jacobian: Tensor, names: Sequence[str]) -> tuple[Tensor, Tensor]:
         # M_t keeps g_t where its sign is the chosen one, so the kept sum is the sum of the positive parts
-        # (sum |g| + sum g) / 2 where the positive sign is chosen (P > U), of the negative parts
-        # (sum g - sum |g|) / 2 where P < U, and 0 where P == U: two reductions, no T x P temporaries.
-        total = jacobian.sum(0)
-        mass = torch.linalg.vector_norm(jacobian, ord=1, dim=0)
-        purity = 0.5 * (1 + total / mass.clamp_min(torch.finfo(mass.dtype).tiny))  # 0.5 where all are 0
+        # (sum |g| + sum g) / 2 where the positive sign is chosen (P > U), else of the negative parts
+        # (sum g - sum |g|) / 2: two passes over the rows, no T x P temporaries.
+        total, mass = _column_sums(jacobian)
         gen = self.generator(jacobian.device)
-        draw = torch.rand(purity.shape, generator=gen, device=jacobian.device, dtype=jacobian.dtype)
+        draw = torch.rand(total.shape, generator=gen, device=jacobian.device, dtype=jacobian.dtype)
+        # P > U  <=>  sum g > (2U - 1) sum |g|  (P = (1 + sum g / sum |g|) / 2; where every g is 0 both
+        # sides are 0 and so is the kept sum). P == U has probability 0 and is counted with P < U.
+        positive = total > draw.mul_(2).sub_(1).mul_(mass)
         base: Tensor | None = None
         if isinstance(self.leak, dict):  # M_t -> l_t + (1 - l_t) M_t, per task
             per_task = [self.leak.get(n, 0.0) for n in names]
-            leak = torch.tensor(per_task, dtype=jacobian.dtype, device=jacobian.device)
-            keep = 1 - leak
-            total, mass = keep @ jacobian, keep @ jacobian.abs()
-            base = leak @ jacobian
+            total, mass = _column_sums(jacobian, [1 - v for v in per_task])
+            base = _column_sums(jacobian, per_task)[0]
         elif self.leak:
             base = self.leak * total
             total, mass = (1 - self.leak) * total, (1 - self.leak) * mass
-        kept = torch.where(purity > draw, total + mass, torch.where(purity < draw, total - mass, 0.0)) / 2
-        direction = kept if base is None else base + kept
+        kept = torch.where(positive, total + mass, total - mass).mul_(0.5)
+        direction = kept if base is None else base.add_(kept)
         return direction, self.implied_weights(jacobian, direction)
+
+
+def _column_sums(jacobian: Tensor, weights: Sequence[float] | None = None) -> tuple[Tensor, Tensor]:
+    """``sum_t c_t g_t`` and ``sum_t c_t |g_t|`` (``c = 1`` by default), one row at a time: no ``T x P``
+    temporary (``abs()`` of the whole matrix), and no 1-norm reduction across the rows (``dim=0``), which
+    took 0.5 s for a 2 x 2.1 M matrix on CPU (torch 2.13)."""
+    c = [1.0] * jacobian.shape[0] if weights is None else [float(w) for w in weights]
+    total = jacobian[0] * c[0]
+    mass = jacobian[0].abs().mul_(c[0])
+    for t in range(1, jacobian.shape[0]):
+        total.add_(jacobian[t], alpha=c[t])
+        mass.add_(jacobian[t].abs(), alpha=c[t])
+    return total, mass

@@ -136,7 +136,7 @@ class GradientBalancer(Balancer):
     @staticmethod
     def implied_weights(jacobian: Tensor, direction: Tensor) -> Tensor:
         """For a non-linear method: ``<d, g_t> / |g_t|^2``, the share of each task gradient in ``d``."""
-        norms = (jacobian * jacobian).sum(1)
+        norms = torch.linalg.vector_norm(jacobian, dim=1).square()  # no T x P temporary
         return (jacobian @ direction) / norms.clamp_min(torch.finfo(norms.dtype).tiny)
 
     def reusable_weights(self, names: Sequence[str]) -> Tensor | None:
