@@ -368,9 +368,6 @@ def jacobian_step(
             jac.div_(world)
         direction, w = _aggregate(balancer, jac, names)
         surrogate = _linear_term(shared, direction)
-        heads = [(p, hg) for n, hgs in own.items() for p, hg in zip(own_params[n], hgs) if hg is not None]
-        if heads:
-            surrogate = surrogate + _fixed_term([p for p, _ in heads], [hg for _, hg in heads])
     else:
         feats = list({id(f): f for f in context.features if f.requires_grad}.values())
         if not feats:
@@ -378,8 +375,10 @@ def jacobian_step(
         cols = sum(f.numel() for f in feats)
         balancer.check_memory(len(names), cols)
         workspace = balancer.workspace(len(names), cols, feats[0].device)
-        jac, _ = _task_jacobian(
-            losses, names, feats, {}, scale, balancer.jacobian == "batched", True, workspace
+        # Each head's own gradient comes with its task's row, so the final backward runs through the backbone
+        # only (not through every head a second time, as backpropagating the summed losses would).
+        jac, own = _task_jacobian(
+            losses, names, feats, own_params, scale, balancer.jacobian == "batched", retain_graph, workspace
         )
         if balancer.linear:
             gram = (jac @ jac.T).double()
@@ -390,8 +389,10 @@ def jacobian_step(
             direction = w @ jac
         else:
             direction, w = _aggregate(balancer, jac, names)
-        total = sum(losses.values(), next(iter(losses.values())).new_zeros(()))
-        surrogate = total + _linear_term(feats, direction - jac.sum(0))
+        surrogate = _linear_term(feats, direction)
+    heads = [(p, hg) for n, hgs in own.items() for p, hg in zip(own_params[n], hgs) if hg is not None]
+    if heads:
+        surrogate = surrogate + _fixed_term([p for p, _ in heads], [hg for _, hg in heads])
     balancer.remember(names, w)
     return Balanced(loss=surrogate, weights={n: w[i].detach() for i, n in enumerate(names)})
 
