@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -44,6 +47,20 @@ def tiny_bert_dir(tmp_path_factory) -> Path:
     BertModel(BertConfig(**TINY_BERT), add_pooling_layer=False).save_pretrained(path)
     AutoTokenizer.from_pretrained(resolve_model_path(PACKAGED_MINILM)).save_pretrained(path)
     return path
+
+
+def load_script(path: Path, register: bool = False) -> ModuleType:
+    """Import a script that is not in a package (a recipe, a benchmark) from its path, named after its file.
+
+    ``register``: also put it in ``sys.modules`` (dataclasses defined in it look their module up there).
+    """
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    assert spec is not None and spec.loader is not None, path
+    module = importlib.util.module_from_spec(spec)
+    if register:
+        sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def toy_tabular(n: int = 256, d: int = 8, seed: int = 0) -> dict[str, torch.Tensor]:

@@ -2,31 +2,21 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import load_script
 
 from lightning_mtl.balancing import list_balancers
 
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "balancer_cost.py"
 
 
-def _load():
-    spec = importlib.util.spec_from_file_location("balancer_cost", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.slow
 def test_balancer_cost_smoke(capsys: pytest.CaptureFixture[str]) -> None:
     if "pcgrad" not in list_balancers():
         pytest.skip("pcgrad is not registered yet")
-    bench = _load()
+    bench = load_script(SCRIPT, register=True)
     args = ["--tasks", "2", "--steps", "1", "--warmup", "1", "--methods", "equal", "pcgrad", "--in-process"]
     rows = bench.main(args)
     table = capsys.readouterr().out

@@ -3,13 +3,13 @@ that predicts raw records), its definitions, and the committed zoo entry."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import load_script
 
 from lightning_mtl import MultiTaskModule, zoo
 from lightning_mtl.data.support2 import support2
@@ -24,16 +24,9 @@ METRICS = {
 }
 
 
-def load_recipe():
-    spec = importlib.util.spec_from_file_location("clinical_risk_los", RECIPE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def recipe():
-    return load_recipe()
+    return load_script(RECIPE)
 
 
 def raw_rows(n: int = 3) -> pd.DataFrame:

@@ -2,28 +2,21 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_script
 
 from lightning_mtl import MultiTaskModule
 
 RECIPE = Path(__file__).parents[2] / "recipes" / "nlp_sentiment_topic.py"
 
 
-def load_recipe():
-    spec = importlib.util.spec_from_file_location("nlp_sentiment_topic", RECIPE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.slow
 def test_recipe_fast_mode(tmp_path, tiny_bert_dir):
-    recipe = load_recipe()
+    recipe = load_script(RECIPE)
     out = tmp_path / "out"
     summary = recipe.main(
         [
@@ -68,7 +61,7 @@ def test_recipe_fast_mode(tmp_path, tiny_bert_dir):
 
 
 def test_recipe_help_lists_overrides(capsys):
-    recipe = load_recipe()
+    recipe = load_script(RECIPE)
     with pytest.raises(SystemExit):
         recipe.main(["--help"])
     text = capsys.readouterr().out

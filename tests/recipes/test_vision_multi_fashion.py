@@ -4,13 +4,13 @@ zoo entry on real test canvases."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_script
 
 from lightning_mtl import MultiTaskModule, zoo
 from lightning_mtl.data import multi_fashion as mf
@@ -23,17 +23,9 @@ needs_files = pytest.mark.skipif(
 )
 
 
-def load_recipe():
-    spec = importlib.util.spec_from_file_location("vision_multi_fashion", RECIPE)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def recipe():
-    return load_recipe()
+    return load_script(RECIPE)
 
 
 def check_predictions(predictions: dict, n: int, size: int = 28) -> None:
