@@ -43,13 +43,10 @@ carries the measured numbers and the command.
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
-import shlex
 import sys
 import time
-import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, cast
@@ -66,6 +63,7 @@ from lightning_mtl.backbones import TabularMLP
 from lightning_mtl.callbacks import BestValidation
 from lightning_mtl.data.support2 import input_columns, support2
 from lightning_mtl.evaluation import delta_m, delta_m_line, format_table, mean_std
+from lightning_mtl.runs import command_line, expand_fast, quiet_lightning
 from lightning_mtl.tabular import TabularDataModule
 
 ZOO_DIR = Path(__file__).resolve().parents[1] / "zoo"
@@ -425,16 +423,11 @@ def run_seed(cli: RecipeCLI, data: ClinicalData, seed: int) -> tuple[dict[str, A
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     argv = list(sys.argv[1:] if argv is None else argv)
     given = list(argv)
-    if "--fast" in argv:
-        argv = FAST_ARGS + [a for a in argv if a != "--fast"]
-        if not any(a.startswith("--zoo_dir") for a in argv):
-            argv.append("--zoo_dir=")  # a smoke run never overwrites the real zoo entry
+    argv = expand_fast(argv, FAST_ARGS)
     # A small MLP gains nothing from intra-op threads; one thread per process also keeps runs steady.
     torch.set_num_threads(1)
     load_average = [round(x, 2) for x in os.getloadavg()]  # other jobs on the machine inflate the wall time
-    # Twenty short fits: keep Lightning's per-fit banners (accelerator, tips, "max_epochs reached") quiet.
-    logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+    quiet_lightning()  # twenty short fits
     start = time.perf_counter()
     cli = RecipeCLI(
         ClinicalModule,
@@ -467,7 +460,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"seed {seed}: Δm% {run['delta_m']['per_task_mean']:+.2f}", flush=True)
     summary = summarise(runs)
     wall = time.perf_counter() - start
-    command = COMMAND + "".join(f" {shlex.quote(a)}" for a in given)
+    command = command_line(COMMAND, given)
     result: dict[str, Any] = {
         "recipe": "clinical_risk_los",
         "command": command,

@@ -39,6 +39,7 @@ from lightning_mtl import MultiTaskDataModule, MultiTaskModule, Task
 from lightning_mtl.backbones import PACKAGED_MINILM, HFEncoder
 from lightning_mtl.data.embedded import PACKAGED, SENTIMENT_LABELS, TOPIC_LABELS, bbc_news, rotten_tomatoes
 from lightning_mtl.evaluation import format_table, per_task
+from lightning_mtl.runs import expand_fast
 
 ZOO_DIR = Path(__file__).resolve().parents[1] / "zoo"
 ENTRY = "nlp-sentiment-topic"
@@ -163,10 +164,7 @@ def results_table(results: dict[str, dict[str, float]]) -> str:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if "--fast" in argv:
-        argv = FAST_ARGS + [a for a in argv if a != "--fast"]
-        if not any(a.startswith("--zoo_dir") for a in argv):
-            argv.append("--zoo_dir=")  # a smoke run never overwrites the real zoo entry
+    argv = expand_fast(argv, FAST_ARGS)
     torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
     start = time.perf_counter()
     cli = RecipeCLI(

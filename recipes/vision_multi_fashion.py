@@ -63,13 +63,10 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
-import shlex
 import sys
 import time
 import types
-import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, cast
@@ -93,6 +90,7 @@ from lightning_mtl.data.multi_fashion import (
     multi_fashion,
 )
 from lightning_mtl.evaluation import delta_m, delta_m_line, format_table, mean_std, per_task
+from lightning_mtl.runs import command_line, expand_fast, quiet_lightning
 
 ZOO_DIR = Path(__file__).resolve().parents[1] / "zoo"
 ENTRY = "vision-multi-fashion"
@@ -428,15 +426,7 @@ def fit_job(argv: list[str], seed: int, tasks: list[str], checkpoint: str | None
 
 def _init_worker(threads: int) -> None:
     torch.set_num_threads(threads)
-    _quiet()
-
-
-def _quiet() -> None:
-    # A dozen short fits: keep Lightning's per-fit banners (accelerator, tips, "max_epochs reached") quiet.
-    logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
-    logging.getLogger("lightning.fabric.utilities.seed").setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
-    warnings.filterwarnings("ignore", message=r".*LightningCLI's args parameter is intended.*")
+    quiet_lightning()
 
 
 def run_jobs(argv: list[str], jobs: list[dict[str, Any]], workers: int, threads: int) -> list[dict[str, Any]]:
@@ -535,11 +525,8 @@ def collect(seeds: list[int], task_names: list[str], infos: list[dict[str, Any]]
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     argv = list(sys.argv[1:] if argv is None else argv)
     given = list(argv)
-    if "--fast" in argv:
-        argv = FAST_ARGS + [a for a in argv if a != "--fast"]
-        if not any(a.startswith("--zoo_dir") for a in argv):
-            argv.append("--zoo_dir=")  # a smoke run never overwrites the real zoo entry
-    _quiet()
+    argv = expand_fast(argv, FAST_ARGS)
+    quiet_lightning()
     start = time.perf_counter()
     cli = _process_cli(argv)
     out = Path(cli.config["output_dir"])
@@ -568,7 +555,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"seed {run['seed']}: Δm% {run['delta_m']['per_task_mean']:+.2f}", flush=True)
     summary = summarise(runs)
     wall = time.perf_counter() - start
-    command = COMMAND + "".join(f" {shlex.quote(a)}" for a in given)
+    command = command_line(COMMAND, given)
     result: dict[str, Any] = {
         "recipe": "vision_multi_fashion",
         "command": command,
