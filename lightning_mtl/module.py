@@ -358,7 +358,7 @@ class MultiTaskModule(HubMixin, TransferMixin, L.LightningModule):
             balanced = jacobian_step(self.balancer, losses, context, task_params, retain_graph=bool(extras))
         else:
             balanced = self.balancer(losses, context)
-        self.balancer.calls += 1
+        self.balancer.count_step()
         self._step_features = []
         if self.balancer.needs_post_step_losses:
             self._losses_before = {k: v.detach() for k, v in losses.items()}

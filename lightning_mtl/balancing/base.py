@@ -93,9 +93,11 @@ class Balancer(nn.Module):
         super().__init__()
         self.task_names: list[str] = []
         self.seed = int(seed)
-        # Training steps so far (the module counts them): seeds generator(), drives update_every, and is
-        # saved in the checkpoint unless the class declares itself stateless.
+        # Training steps so far (counted by __call__): seeds generator(), drives update_every, and is saved in
+        # the checkpoint unless the class declares itself stateless. ``_steps`` mirrors it on the host so that
+        # reading it never waits for the device; a loaded state dict refreshes the mirror once.
         self.register_buffer("calls", torch.zeros((), dtype=torch.long), persistent=self.stateful)
+        self._steps: int | None = 0
 
     def setup(self, tasks: Sequence[Task]) -> None:
         """Called by the module with its tasks, before training (and again when tasks change).
@@ -152,11 +154,34 @@ class Balancer(nn.Module):
         present = count > 0
         return torch.where(present, stacked / count.clamp_min(1.0), torch.zeros_like(stacked)), present
 
+    @property
+    def step_count(self) -> int:
+        """The step counter ``calls`` as a host integer, read without a device synchronisation (after a
+        checkpoint load, once)."""
+        if self._steps is None:
+            self._steps = int(self.calls)
+        return self._steps
+
+    def set_step_count(self, value: int) -> None:
+        """Set the step counter (``calls`` and its host mirror), e.g. to replay a given step in a test."""
+        self.calls.fill_(int(value))
+        self._steps = int(value)
+
+    def count_step(self) -> None:
+        """Advance the step counter by one (the module calls it once per training step)."""
+        self.calls.add_(1)
+        self._steps = self.step_count + 1
+
+    def _load_from_state_dict(self, state_dict: Mapping[str, Any], prefix: str, *args: Any) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args)  # type: ignore[arg-type]
+        self._steps = None  # read the loaded counter once, when next needed
+
     def generator(self, device: torch.device | str | None = None) -> torch.Generator:
-        """A generator seeded from ``(seed, calls)``: the same numbers on every rank and after a resume."""
+        """A generator seeded from ``(seed, step_count)``: the same numbers on every rank and after a resume,
+        without reading the device."""
         device = torch.device(device) if device is not None else self.calls.device
         gen = torch.Generator(device=device)
-        gen.manual_seed(self.seed * 1_000_003 + int(self.calls))
+        gen.manual_seed(self.seed * 1_000_003 + self.step_count)
         return gen
 
     def config(self) -> dict[str, Any]:

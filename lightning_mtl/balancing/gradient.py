@@ -141,7 +141,7 @@ class GradientBalancer(Balancer):
 
     def reusable_weights(self, names: Sequence[str]) -> Tensor | None:
         """The cached weights when this step may reuse them (``update_every``), else ``None``."""
-        if self.update_every <= 1 or int(self.calls) % self.update_every == 0:
+        if self.update_every <= 1 or self.step_count % self.update_every == 0:
             return None
         mask = torch.zeros_like(self.cached_mask)
         mask[[self.task_names.index(n) for n in names]] = True

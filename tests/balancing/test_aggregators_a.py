@@ -69,7 +69,7 @@ def test_mgda_matches_torchjd(n, seed):
 @pytest.mark.parametrize(("n", "seed"), CASES)
 def test_pcgrad_matches_torchjd_with_the_same_orders(n, seed):
     balancer = build(PCGrad, n, seed=seed)
-    balancer.calls.fill_(5 + seed)
+    balancer.set_step_count(5 + seed)
     jac = jacobian(n, seed)
     d, _ = balancer.aggregate(jac, names(n))
     torch.manual_seed(torch_seed(balancer))  # TorchJD draws one torch.randperm(T) per task, as we do
@@ -82,7 +82,7 @@ def test_gradvac_matches_torchjd_over_steps(n, seed):
     base = jacobian(n, seed)
     for step in range(4):  # the EMA targets carry over: steps 1-3 test the state too
         jac = base + jacobian(n, 100 + step)
-        ours.calls.fill_(step)
+        ours.set_step_count(step)
         d, _ = ours.aggregate(jac, names(n))
         torch.manual_seed(torch_seed(ours))  # one torch.randperm(T - 1) per task on both sides
         expected = theirs(jac)
@@ -104,7 +104,7 @@ def test_imtl_matches_torchjd(n, seed):
 @pytest.mark.parametrize(("n", "seed"), CASES)
 def test_graddrop_matches_torchjd_with_the_same_draws(n, seed):
     balancer = build(GradDrop, n, seed=seed, mode="params")
-    balancer.calls.fill_(11)
+    balancer.set_step_count(11)
     jac = jacobian(n, seed)
     d, _ = balancer.aggregate(jac, names(n))
     torch.manual_seed(torch_seed(balancer))  # one torch.rand(P) on both sides
@@ -186,7 +186,7 @@ def test_graddrop_draws_depend_on_the_step_only():
     assert 50 < int((first > 0).sum()) < 150
     again, _ = build(GradDrop, 2).aggregate(jac, names(2))  # another instance, same calls: same draws
     assert torch.equal(first, again)
-    balancer.calls += 1
+    balancer.count_step()
     assert not torch.equal(balancer.aggregate(jac, names(2))[0], first)
     assert not torch.equal(build(GradDrop, 2, seed=1).aggregate(jac, names(2))[0], first)
 
@@ -283,9 +283,9 @@ def test_float32(name):
 def test_state_dict_round_trip_continues_identically(cls):
     first = build(cls, 3)
     for step in range(2):
-        first.calls.fill_(step)
+        first.set_step_count(step)
         first.aggregate(jacobian(3, step), names(3))
-    first.calls.fill_(2)
+    first.set_step_count(2)
     second = build(cls, 3)  # fresh: DB-MTL's buffer is still 3 x 0
     second.load_state_dict(first.state_dict())
     jac = jacobian(3, 99)

@@ -60,7 +60,7 @@ def train_step(balancer: Balancer, scales: dict[str, float], seed: int) -> dict[
             if p.grad is not None:
                 p.sub_(0.1 * p.grad)
                 p.grad = None
-    balancer.calls += 1
+    balancer.count_step()
     if balancer.needs_post_step_losses:
         before = {k: v.detach() for k, v in losses.items()}
         after = {k: v * (0.9 if i == 0 else 1.0) for i, (k, v) in enumerate(before.items())}
@@ -94,7 +94,7 @@ def test_absent_tasks(name, present):
             )
             for g, p in zip(grads, backbone2.parameters()):
                 torch.testing.assert_close(g, p.grad)
-        balancer.calls += 1
+        balancer.count_step()
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -264,7 +264,7 @@ def test_rlw_weights_are_a_seeded_softmax():
     same = built("rlw", seed=3)
     assert torch.equal(weights, _rlw_weights(same))
     assert not torch.allclose(weights, _rlw_weights(built("rlw", seed=4)))
-    first.calls += 1
+    first.count_step()
     moved = _rlw_weights(first)
     assert not torch.allclose(weights, moved)
     # A subset uses its entries of the draw over all K tasks.
@@ -284,7 +284,7 @@ def test_rlw_weights_vary_like_a_softmax_of_gaussians():
     draws = []
     for _ in range(200):
         draws.append(_rlw_weights(balancer))
-        balancer.calls += 1
+        balancer.count_step()
     stacked = torch.stack(draws)
     assert stacked.mean(0).tolist() == pytest.approx([1 / 3] * 3, abs=0.05)
     assert float(stacked.std(0).min()) > 0.1
