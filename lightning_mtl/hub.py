@@ -509,7 +509,9 @@ def from_pretrained(
         map_location: device to move the module to.
         strict: with ``False``, missing or unexpected tensors and a base-model fingerprint mismatch
             are warnings instead of errors (shape mismatches and a SHA-256 mismatch stay errors).
-        module_class: the class to rebuild (a ``MultiTaskModule`` subclass); default ``MultiTaskModule``.
+        module_class: the class to rebuild (a ``MultiTaskModule`` subclass); default: the class recorded
+            in ``config.json`` when it is part of ``lightning_mtl``, else ``MultiTaskModule`` (a class of
+            yours is never imported from an artifact: call ``YourModule.from_pretrained(...)``).
 
     Example:
         >>> import tempfile
@@ -520,10 +522,6 @@ def from_pretrained(
         >>> loaded.training, list(loaded.tasks)
         (False, ['stay'])
     """
-    if module_class is None:
-        from lightning_mtl.module import MultiTaskModule
-
-        module_class = MultiTaskModule
     folder = _resolve(directory_or_hub_id)
     weights_path = folder / WEIGHTS_NAME
     config_path = folder / CONFIG_NAME
@@ -549,22 +547,47 @@ def from_pretrained(
     if not isinstance(hparams, dict):
         raise ArtifactError(config_path, f"'hparams' must be an object, got {type(hparams).__name__}.")
     _check_class_paths(hparams, config_path)
+    if module_class is None:
+        module_class = _recorded_module_class(config, config_path)
     base = config.get("base")
     module = _build(module_class, hparams, base, config_path)
 
+    # Tensor names of earlier layouts (e.g. ``heads.<task>.*`` before task units) map to today's.
+    upgrade = getattr(module, "upgrade_state_keys", lambda names: {n: n for n in names})
+    renamed = upgrade(list(found_shapes))
+    found_shapes = {renamed[n]: shape for n, shape in found_shapes.items()}
+    in_file = {new: old for old, new in renamed.items() if new != old}
     state = module.state_dict()
     base_names = set(base["tensors"]) if base else set()
     want = {n: tuple(t.shape) for n, t in state.items() if n not in base_names}
-    _check_tensors(weights_path, want, found_shapes, strict)
+    _check_tensors(weights_path, want, found_shapes, strict, in_file)
     if base:
         _check_base(config_path, base, state, strict)
 
     from safetensors.torch import load_file
 
-    tensors = load_file(str(weights_path), device="cpu")
+    tensors = {renamed[n]: t for n, t in load_file(str(weights_path), device="cpu").items()}
     tensors = {n: t for n, t in tensors.items() if n in want}
     module.load_state_dict(tensors, strict=False)  # the name sets were checked above
     return module.to(map_location).eval()
+
+
+DEFAULT_MODULE_CLASS = "lightning_mtl.module.MultiTaskModule"
+
+
+def _recorded_module_class(config: dict[str, Any], path: Path) -> type[MultiTaskModule]:
+    """The module class recorded in ``config.json`` if it lies in ``lightning_mtl``, else the default one;
+    imported by name (``hub`` never imports ``module``: no import cycle), and refused unless it is a
+    :class:`HubMixin` ``nn.Module``."""
+    recorded = config.get("module_class")
+    name = recorded if isinstance(recorded, str) and recorded.startswith("lightning_mtl.") else None
+    try:
+        cls = import_object(name or DEFAULT_MODULE_CLASS)
+    except ImportError:
+        cls = import_object(DEFAULT_MODULE_CLASS)
+    if not (inspect.isclass(cls) and issubclass(cls, HubMixin) and issubclass(cls, nn.Module)):
+        raise ArtifactError(path, f"module_class {recorded!r} is not a lightning_mtl module class.")
+    return cast("type[MultiTaskModule]", cls)
 
 
 def _resolve(ref: PathLike) -> Path:
@@ -729,12 +752,19 @@ def _build(
 
 
 def _check_tensors(
-    path: Path, want: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]], strict: bool
+    path: Path,
+    want: dict[str, tuple[int, ...]],
+    found: dict[str, tuple[int, ...]],
+    strict: bool,
+    in_file: Mapping[str, str] | None = None,
 ) -> None:
+    """``in_file``: today's name -> the name stored in the file, for tensors of an earlier layout (named as
+    the file names them in the messages)."""
+    named = in_file or {}
     missing = sorted(set(want) - set(found))
-    extra = sorted(set(found) - set(want))
+    extra = sorted(named.get(n, n) for n in set(found) - set(want))
     shapes = [
-        f"{n}: expected {want[n]}, found {found[n]}"
+        f"{named.get(n, n)}: expected {want[n]}, found {found[n]}"
         for n in sorted(set(want) & set(found))
         if want[n] != found[n]
     ]
@@ -794,18 +824,22 @@ def _check_base(path: Path, base: dict[str, Any], state: Mapping[str, Tensor], s
 
 
 # --- Lightning checkpoints -------------------------------------------------------------------------
-def export_checkpoint(ckpt_path: PathLike, directory: PathLike, **save_kwargs: Any) -> Path:
+def export_checkpoint(
+    ckpt_path: PathLike,
+    directory: PathLike,
+    *,
+    module_class: type[MultiTaskModule] | None = None,
+    **save_kwargs: Any,
+) -> Path:
     """Turn a Lightning ``.ckpt`` of a :class:`~lightning_mtl.MultiTaskModule` into a release artifact.
 
     Only the weights and hyper-parameters are kept; optimizer, scheduler, loop and callback states are
     dropped. The checkpoint is read with ``torch.load(weights_only=True)`` (PyTorch's restricted
     unpickler: tensors and plain containers only). This is the *local, trusted-checkpoint* path:
     convert your own checkpoints here, and share the resulting folder, which loads without pickle.
-    ``save_kwargs`` go to :func:`save_pretrained`; the checkpoint's epoch and global step are recorded
-    under ``extra["checkpoint"]``.
+    ``module_class``: the class to rebuild (default ``MultiTaskModule``). ``save_kwargs`` go to
+    :func:`save_pretrained`; the checkpoint's epoch and global step are recorded under ``extra["checkpoint"]``.
     """
-    from lightning_mtl.module import MultiTaskModule
-
     path = Path(ckpt_path)
     if not path.is_file():
         raise ArtifactError(path, "no such checkpoint file.")
@@ -820,7 +854,8 @@ def export_checkpoint(ckpt_path: PathLike, directory: PathLike, **save_kwargs: A
         )
     provenance = {k: ckpt[k] for k in ("epoch", "global_step", "pytorch-lightning_version") if k in ckpt}
     del ckpt
-    module = MultiTaskModule.load_from_checkpoint(path, map_location="cpu", weights_only=True)
+    cls = module_class or import_object(DEFAULT_MODULE_CLASS)
+    module = cls.load_from_checkpoint(path, map_location="cpu", weights_only=True)
     extra = dict(save_kwargs.pop("extra", None) or {})
     extra.setdefault("checkpoint", {"file": path.name, **provenance})
     return save_pretrained(module, directory, extra=extra, **save_kwargs)

@@ -3,26 +3,23 @@
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
-from torchmetrics import MeanMetric, MetricCollection
 from typing_extensions import override
 
 from lightning_mtl._registry import build_from_spec
 from lightning_mtl.balancing import Balancer, create_balancer
-from lightning_mtl.balancing.base import StepContext
-from lightning_mtl.balancing.gradient import GradientBalancer, jacobian_step
-from lightning_mtl.heads import create_head
+from lightning_mtl.balancing.base import Balanced, StepContext, TaskLosses
 from lightning_mtl.hub import HubMixin
 from lightning_mtl.tasks import STAGES, Task
 from lightning_mtl.transfer import TransferMixin
+from lightning_mtl.unit import TaskUnit
 
 Features = Tensor | Mapping[str, Tensor]
 
@@ -55,10 +52,16 @@ class MultiTaskModule(HubMixin, TransferMixin, L.LightningModule):
         scheduler: ``None``, ``"linear"`` or ``"cosine"`` decay after ``warmup_ratio`` of the steps.
         input_keys: the batch keys passed to the backbone (default: the backbone's ``input_keys``
             attribute if it has one, else every key that is not a task target).
-        train_metrics: update and log the training metrics (``train/<task>/<metric>``); ``False`` saves
-            two torchmetrics updates per task and step (validation and test metrics are unaffected).
-        check_inputs: validate every target's shape, dtype and range with a clear error (one host
-            sync per task and step; turn off once the data is known good).
+        train_metrics: update and log the training metrics (``train/<task>/<metric>`` and the epoch mean
+            of ``train/<task>/loss``); ``False`` turns them off (validation and test metrics are unaffected).
+        train_metrics_every: update the training metrics on every N-th training batch only (default 10):
+            torchmetrics drops missing labels by boolean indexing, which waits for the GPU, so the
+            steps in between stay free of device->host synchronisation. ``1``: every batch (exact
+            epoch metrics, at the cost of a pipeline stall per step on a GPU).
+        check_inputs: validate the label values (class range, 0/1, ...) of the first ``check_inputs``
+            batches of every stage with a clear error naming the task and key (``True``: 10 batches;
+            ``False`` or 0: none). Shapes and dtypes are checked on every batch (free). Value checks read
+            the device, so later batches are trusted.
         backbone_class: set automatically (the dotted class of the backbone, kept in the checkpoint so
             that reloading a live, spec-less backbone can name the class to pass again).
 
@@ -93,9 +96,10 @@ class MultiTaskModule(HubMixin, TransferMixin, L.LightningModule):
         weight_decay: float = 0.0,
         scheduler: str | None = None,
         warmup_ratio: float = 0.0,
-        check_inputs: bool = True,
+        check_inputs: bool | int = True,
         input_keys: Sequence[str] | None = None,
         train_metrics: bool = True,
+        train_metrics_every: int = 10,
         backbone_class: str | None = None,
     ) -> None:
         super().__init__()
@@ -107,6 +111,12 @@ class MultiTaskModule(HubMixin, TransferMixin, L.LightningModule):
             raise ValueError(f"Task names must be unique, got {names}.")
         if scheduler not in (None, "linear", "cosine"):
             raise ValueError(f"scheduler must be None, 'linear' or 'cosine', got {scheduler!r}.")
+        if isinstance(train_metrics_every, bool) or int(train_metrics_every) < 1:
+            raise ValueError(f"train_metrics_every must be an integer >= 1, got {train_metrics_every!r}.")
+        if not isinstance(check_inputs, (bool, int)) or int(check_inputs) < 0:
+            raise ValueError(
+                f"check_inputs must be True, False or a number of batches >= 0, got {check_inputs!r}."
+            )
         self.tasks: dict[str, Task] = {t.name: t for t in task_list}
         self.backbone: nn.Module
         self.backbone, backbone_hparam = self._build_backbone(backbone, backbone_class)
@@ -114,21 +124,23 @@ class MultiTaskModule(HubMixin, TransferMixin, L.LightningModule):
         self._feature_dims = (
             feature_dim if feature_dim is not None else getattr(self.backbone, "out_features", None)
         )
-        self.heads = nn.ModuleDict({t.name: self._build_head(t) for t in task_list})
-        self.loss_fns = {t.name: t.build_loss() for t in task_list}
-        self.loss_modules = nn.ModuleDict(
-            {k: v for k, v in self.loss_fns.items() if isinstance(v, nn.Module)}
-        )
-        self.metrics = nn.ModuleDict({f"{s}_{t.name}": t.build_metrics() for s in STAGES for t in task_list})
-        self.loss_means = nn.ModuleDict({f"{s}_{t.name}": MeanMetric() for s in STAGES for t in task_list})
+        self.units = nn.ModuleDict({t.name: self._build_unit(t) for t in task_list})
         self.balancer = create_balancer(balancer)
         self.balancer.setup(task_list)
         self.check_inputs = check_inputs
+        self.check_batches = CHECK_BATCHES if check_inputs is True else int(check_inputs)
         self.train_metrics = train_metrics
+        self.train_metrics_every = int(train_metrics_every)
+        self._checks_left = dict.fromkeys(STAGES, self.check_batches)
+        self._checking = False
+        self._metrics_now = True
         self._step_features: list[Tensor] = []
+        self._step_counts: dict[str, Tensor] = {}
         self._unit_scale = torch.ones(())
-        self._losses_before: dict[str, Tensor] = {}
+        self._losses_before: TaskLosses | None = None
         self._stepped = False
+        self._train_batches = 0
+        self._register_load_state_dict_pre_hook(_upgrade_state_keys, with_module=True)
 
         balancer_hparam = balancer.spec() if isinstance(balancer, Balancer) else balancer
         self.save_hyperparameters(
@@ -147,6 +159,7 @@ class MultiTaskModule(HubMixin, TransferMixin, L.LightningModule):
                 "check_inputs": check_inputs,
                 "input_keys": list(input_keys) if input_keys is not None else None,
                 "train_metrics": train_metrics,
+                "train_metrics_every": int(train_metrics_every),
             }
         )
 
@@ -171,11 +184,18 @@ class MultiTaskModule(HubMixin, TransferMixin, L.LightningModule):
         spec_fn = getattr(backbone, "spec", None)
         return backbone, spec_fn() if callable(spec_fn) else None
 
-    def _build_head(self, task: Task) -> nn.Module:
-        """The task's registered head, sized from ``feature_dim`` or the backbone's ``out_features``."""
-        return create_head(
-            task.head_name, self._in_features(task, self._feature_dims), task.out_features, **task.head_kwargs
-        )
+    def _build_unit(self, task: Task) -> TaskUnit:
+        """The task's unit: its registered head sized from ``feature_dim`` or the backbone's
+        ``out_features``, its loss, metrics and loss means."""
+        return TaskUnit(task, self._in_features(task, self._feature_dims))
+
+    @property
+    def heads(self) -> dict[str, nn.Module]:
+        """``{task: head}`` (each lives in its :class:`~lightning_mtl.unit.TaskUnit`, ``units[task].head``)."""
+        return {name: unit.head for name, unit in self._units().items()}
+
+    def _units(self) -> dict[str, TaskUnit]:
+        return dict(self.units.items())  # type: ignore[arg-type]
 
     @staticmethod
     def _in_features(task: Task, dims: Any) -> int:
@@ -218,23 +238,12 @@ class MultiTaskModule(HubMixin, TransferMixin, L.LightningModule):
 
     def select_features(self, features: Features, task: Task) -> Tensor:
         """The features a task's head reads: the tensor itself, or ``features[task.feature_key]``."""
-        if isinstance(features, Tensor):
-            return features
-        if isinstance(features, Mapping):
-            if task.feature_key not in features:
-                raise KeyError(
-                    f"Task {task.name!r} reads feature {task.feature_key!r}, but the backbone returned {sorted(features)}."
-                )
-            return features[task.feature_key]
-        raise TypeError(
-            f"The backbone must return a tensor or a dict of tensors, got {type(features).__name__}."
-        )
+        return self.units[task.name].select(features)  # type: ignore[operator]
 
     def run_heads(self, features: Features, task_names: Sequence[str] | None = None) -> dict[str, Tensor]:
-        return {
-            n: self.heads[n](self.select_features(features, self.tasks[n]))
-            for n in (task_names or self.tasks)
-        }
+        """Raw head outputs of ``task_names`` (default: every task) for one backbone output."""
+        units = self._units()
+        return {n: units[n](features) for n in (task_names or self.tasks)}
 
     @override
     def forward(self, inputs: Any) -> dict[str, Tensor]:
@@ -291,29 +300,30 @@ class MultiTaskModule(HubMixin, TransferMixin, L.LightningModule):
     def compute_losses(
         self, outputs: Mapping[str, Tensor], targets: Mapping[str, Tensor], stage: str
     ) -> dict[str, Tensor]:
-        """Masked per-task losses of the tasks with labels in this batch (a task whose labels are absent or
-        all masked is left out); updates the metrics of ``stage`` if it is one of ``train/val/test``."""
+        """Per-task losses of the tasks whose targets are in this batch: the mean over labelled elements (0
+        when none is labelled: missing labels are weighed out on dense shapes, never dropped, so this reads
+        nothing from the device). Records each task's labelled count for the balancer and updates the
+        metrics of ``stage`` when they are due."""
         losses: dict[str, Tensor] = {}
+        units = self._units()
         for name, out in outputs.items():
-            task = self.tasks[name]
             target = targets.get(name)
             if target is None:
                 continue
+            task, unit = self.tasks[name], units[name]
             if not isinstance(target, Tensor):
                 raise TypeError(
                     f"Task {name!r}, target key {task.target_key!r}: expected a tensor, got {type(target).__name__}."
                 )
-            kind = task.kind_obj
-            if self.check_inputs:
-                kind.check(task, out, target)
-            masked = kind.mask(task, out, target)
-            if masked.count == 0:
-                continue
-            loss = self.loss_fns[name](masked.loss_input, masked.loss_target)
+            if self._checking:
+                task.kind_obj.check(task, out, target)
+            else:
+                task.kind_obj.check_shapes(task, out, target)
+            loss, count = unit.loss(out, target)
             losses[name] = loss
-            if stage in STAGES and (self.train_metrics or stage != "train"):
-                self._metric(stage, name).update(masked.metric_preds, masked.metric_target)
-                self._loss_mean(stage, name).update(loss.detach().float(), weight=masked.count)
+            self._step_counts[name] = self._step_counts[name] + count if name in self._step_counts else count
+            if stage in STAGES and self._metrics_now:
+                unit.update_metrics(stage, out, target, loss, count)
         return losses
 
     def extra_losses(
@@ -327,6 +337,10 @@ class MultiTaskModule(HubMixin, TransferMixin, L.LightningModule):
         losses: dict[str, Tensor] = {}
         extras: dict[str, Tensor] = {}
         self._step_features = []
+        self._step_counts = {}
+        self._checking = self._checks_left.get(stage, 0) > 0
+        if self._checking:
+            self._checks_left[stage] -= 1
         for group in self.split_batch(batch):
             features = self.forward_features(group.inputs)
             if stage == "train":  # the shared representation, for balancers that need it
@@ -338,67 +352,92 @@ class MultiTaskModule(HubMixin, TransferMixin, L.LightningModule):
                 extras[name] = extras[name] + term if name in extras else term
         return losses, extras
 
+    def task_losses(self, losses: Mapping[str, Tensor]) -> TaskLosses:
+        """``losses`` of the last :meth:`shared_step` as :class:`~lightning_mtl.balancing.TaskLosses` (with
+        the labelled counts, so a task whose labels are all missing is not ``present``)."""
+        counts = {n: self._step_counts[n] for n in losses if n in self._step_counts}
+        return TaskLosses(losses, list(self.tasks), counts if len(counts) == len(losses) else None)
+
     # --- Lightning hooks --------------------------------------------------------------------------
     @override
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        losses, extras = self.shared_step(batch, "train")
-        if not losses:
+        self._metrics_now = self.train_metrics and batch_idx % self.train_metrics_every == 0
+        raw, extras = self.shared_step(batch, "train")
+        if not raw:
             raise ValueError(
-                "The training batch has no labelled example for any task: nothing to learn from."
+                "The training batch holds no target for any task: none of the target keys "
+                f"{[t.target_key for t in self.tasks.values()]} is in the batch (keys: {_batch_keys(batch)}). "
+                "Name each task's label column with Task(target_key=...)."
             )
+        losses = self.task_losses(raw)
         scale = self._loss_scale()
+        task_params = self._task_parameters()
         context = StepContext(
             features=self._step_features,
             backbone=self.backbone,
             loss_scale=scale,
             amp_scaled=scale is not self._unit_scale,  # a GradScaler is active
+            task_parameters=task_params,
+            retain_graph=bool(extras),
         )
-        task_params = self._task_parameters()
-        if isinstance(self.balancer, GradientBalancer):
-            balanced = jacobian_step(self.balancer, losses, context, task_params, retain_graph=bool(extras))
-        else:
-            balanced = self.balancer(losses, context)
-        self.balancer.count_step()
+        balanced = self.balancer(losses, context)
         self._step_features = []
         if self.balancer.needs_post_step_losses:
-            self._losses_before = {k: v.detach() for k, v in losses.items()}
-        total = balanced.loss + sum(extras.values(), torch.zeros((), device=balanced.loss.device))
-        absent = [n for n in self.tasks if n not in losses]
+            self._losses_before = losses.detached()
+        total = balanced.loss
+        for term in extras.values():
+            total = total + term
+        absent = [n for n in self.tasks if n not in raw]
         if absent:  # keep every head in the graph so DDP does not report unused parameters
             total = total + sum(p.sum() * 0.0 for n in absent for p in task_params[n])
-        bs = self._batch_size(batch)
-        for name, loss in losses.items():
-            self.log(
-                f"train/{name}/loss",
-                loss.detach(),
-                on_step=True,
-                on_epoch=False,
-                prog_bar=True,
-                batch_size=bs,
-            )
-        for name, term in extras.items():
-            self.log(f"train/extra/{name}", term.detach(), on_step=True, on_epoch=False, batch_size=bs)
-        # An fp16 overflow gives NaN weights on a step the GradScaler skips: log only real decisions (the
-        # scaler synchronises with the host on this step anyway).
-        weights = list(balanced.weights.values())
-        if not context.amp_scaled or bool(torch.isfinite(torch.stack(weights)).all()):
-            for name, w in balanced.weights.items():
-                self.log(f"weights/{name}", w.float(), on_step=True, on_epoch=False, batch_size=bs)
-        # The objective: the balanced loss (loss weighting) or, for gradient methods whose returned loss is
-        # a surrogate, the plain sum of task losses; extra terms included either way.
-        shown = total if self.balancer.family == "loss" else sum(losses.values()) + sum(extras.values())
-        self.log("train/loss", cast(Tensor, shown).detach(), on_step=True, on_epoch=False, batch_size=bs)
+        objective = balanced.objective.detach()
+        for term in extras.values():
+            objective = objective + term.detach()
+        self.log(
+            "train/loss", objective, on_step=True, on_epoch=False, prog_bar=True, logger=False, batch_size=1
+        )
+        self._train_batches += 1
+        self._log_step(losses, balanced, objective, extras)
         return total
 
+    def _log_step(
+        self, losses: TaskLosses, balanced: Balanced, objective: Tensor, extras: Mapping[str, Tensor]
+    ) -> None:
+        """Per-step values (``train/loss``, ``train/<task>/loss``, ``weights/<task>``, ``train/extra/<name>``)
+        to the loggers on Lightning's logging steps (every ``log_every_n_steps``), with one device->host
+        copy for all of them; nothing on the other steps. Tasks without labels in the step are left out, and
+        so are the weights of a step whose weights are not finite (an fp16 overflow the GradScaler skips)."""
+        trainer = self._trainer
+        if trainer is None or not trainer.loggers or trainer.global_rank != 0:
+            return
+        if self._train_batches % max(int(trainer.log_every_n_steps), 1) != 0 and not trainer.should_stop:
+            return
+        names = list(losses.task_names)
+        parts = [objective.float().reshape(1), losses.vector.detach(), balanced.vector.detach().float()]
+        parts += [losses.present.float(), *(t.detach().float().reshape(1) for t in extras.values())]
+        values = torch.cat([p.to(objective.device) for p in parts]).tolist()  # the one host read
+        t = len(names)
+        loss_values, weight_values, present = (
+            values[1 : 1 + t],
+            values[1 + t : 1 + 2 * t],
+            values[1 + 2 * t : 1 + 3 * t],
+        )
+        metrics: dict[str, float] = {"train/loss": values[0], "epoch": float(trainer.current_epoch)}
+        weights_finite = all(math.isfinite(w) for w, p in zip(weight_values, present) if p)
+        for name, loss, weight, here in zip(names, loss_values, weight_values, present):
+            if here:
+                metrics[f"train/{name}/loss"] = loss
+                if weights_finite:
+                    metrics[f"weights/{name}"] = weight
+        for name, value in zip(extras, values[1 + 3 * t :]):
+            metrics[f"train/extra/{name}"] = value
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+            logger.save()
+
     def _task_parameters(self) -> dict[str, list[nn.Parameter]]:
-        """The parameters only task ``t`` uses: its head and, if it has any, its loss module's."""
-        out: dict[str, list[nn.Parameter]] = {}
-        for name in self.tasks:
-            params = list(self.heads[name].parameters())
-            if name in self.loss_modules:
-                params += list(self.loss_modules[name].parameters())
-            out[name] = params
-        return out
+        """The trainable parameters only task ``t`` uses: its head's and, if it has one, its loss module's."""
+        return {name: unit.own_parameters() for name, unit in self._units().items()}
 
     def _loss_scale(self) -> Tensor:
         """The AMP GradScaler's current scale as a tensor (no host sync), or 1."""
@@ -422,10 +461,10 @@ class MultiTaskModule(HubMixin, TransferMixin, L.LightningModule):
     @override
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         """After an optimizer step, balancers that ask for it (FAMO) get the batch's losses re-computed."""
-        if not (self.balancer.needs_post_step_losses and self._stepped and self._losses_before):
-            self._stepped = False
+        before, self._losses_before = self._losses_before, None
+        stepped, self._stepped = self._stepped, False
+        if not (self.balancer.needs_post_step_losses and stepped and before is not None):
             return
-        self._stepped = False
         trainer = self._trainer
         context = (
             trainer.precision_plugin.forward_context()
@@ -434,16 +473,29 @@ class MultiTaskModule(HubMixin, TransferMixin, L.LightningModule):
         )
         with torch.no_grad(), context:
             after, _ = self.shared_step(batch, "refresh")
-        self.balancer.after_step(self._losses_before, {k: v.detach() for k, v in after.items()})
-        self._losses_before = {}
+        self.balancer.after_step(before, self.task_losses(after).detached())
 
     @override
     def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._metrics_now = True
         self.shared_step(batch, "val")
 
     @override
     def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._metrics_now = True
         self.shared_step(batch, "test")
+
+    @override
+    def on_train_start(self) -> None:
+        self._checks_left["train"] = self.check_batches
+
+    @override
+    def on_validation_start(self) -> None:
+        self._checks_left["val"] = self.check_batches
+
+    @override
+    def on_test_start(self) -> None:
+        self._checks_left["test"] = self.check_batches
 
     @override
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
@@ -472,35 +524,11 @@ class MultiTaskModule(HubMixin, TransferMixin, L.LightningModule):
     def _log_epoch_metrics(self, stage: str) -> None:
         # Every rank computes (torchmetrics syncs the states) and logs the same keys, then resets.
         values: dict[str, Tensor] = {}
-        for name in self.tasks:
-            collection = self._metric(stage, name)
-            mean = self._loss_mean(stage, name)
-            values[f"{stage}/{name}/loss"] = self._safe_compute(mean)
-            for key, value in collection.items():
-                values[f"{stage}/{name}/{key}"] = self._safe_compute(value)
-            collection.reset()
-            mean.reset()
+        for name, unit in self._units().items():
+            for key, value in unit.compute(stage).items():
+                values[f"{stage}/{name}/{key}"] = value
         # The values are already global; sync_dist only averages identical numbers (and silences Lightning's hint).
         self.log_dict(values, on_step=False, on_epoch=True, prog_bar=False, sync_dist=True)
-
-    def _metric(self, stage: str, task: str) -> MetricCollection:
-        return cast(MetricCollection, self.metrics[f"{stage}_{task}"])
-
-    def _loss_mean(self, stage: str, task: str) -> MeanMetric:
-        return cast(MeanMetric, self.loss_means[f"{stage}_{task}"])
-
-    @staticmethod
-    def _safe_compute(metric: Any) -> Tensor:
-        # A metric never updated (e.g. a task absent from this split) still computes, with a warning we silence.
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*compute.*before.*update.*")
-            try:
-                value = torch.as_tensor(metric.compute(), dtype=torch.float32)
-            except ValueError:  # list-state metrics (e.g. AUROC) cannot compute without samples
-                if getattr(metric, "update_count", None) != 0:
-                    raise
-                return torch.tensor(float("nan"))
-        return value if value.numel() == 1 else value.mean()
 
     @staticmethod
     def _batch_size(batch: Any) -> int:
@@ -526,7 +554,7 @@ class MultiTaskModule(HubMixin, TransferMixin, L.LightningModule):
         groups: list[dict[str, Any]] = []
         for modules, lr in (
             (self.backbone, hp.lr),
-            (nn.ModuleList([self.heads, self.balancer, self.loss_modules]), head_lr),
+            (nn.ModuleList([self.units, self.balancer]), head_lr),
         ):
             decay: list[nn.Parameter] = []
             no_decay: list[nn.Parameter] = []
@@ -601,11 +629,7 @@ class MultiTaskModule(HubMixin, TransferMixin, L.LightningModule):
                     else None
                 )
                 for name, out in outputs.items():
-                    described = self.tasks[name].describe(out)
-                    if lengths is not None and self.tasks[name].kind == "token":
-                        for d, n in zip(described, lengths):
-                            d["labels"] = d["labels"][: int(n)]
-                    result[name].extend(described)
+                    result[name].extend(self.tasks[name].describe(out, lengths))
             return result
         finally:
             self.train(was_training)
@@ -622,8 +646,48 @@ class MultiTaskModule(HubMixin, TransferMixin, L.LightningModule):
             return {k: self._to_device(v) for k, v in obj.items()}
         return obj
 
+    @staticmethod
+    def upgrade_state_keys(names: Sequence[str]) -> dict[str, str]:
+        """``{old: new}`` for state-dict keys written before tasks had units (``heads.<t>.*`` ->
+        ``units.<t>.head.*``, ``loss_modules.<t>.*`` -> ``units.<t>.loss_module.*``); other keys map to
+        themselves. Checkpoints and artifacts of earlier versions load through it.
+
+        Example:
+            >>> MultiTaskModule.upgrade_state_keys(["heads.risk.proj.weight", "backbone.net.0.bias"])
+            {'heads.risk.proj.weight': 'units.risk.head.proj.weight', 'backbone.net.0.bias': 'backbone.net.0.bias'}
+        """
+        return {name: _upgraded_key(name) for name in names}
+
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         saved = [t["name"] for t in checkpoint.get("hyper_parameters", {}).get("tasks", [])]
         if saved and saved != list(self.tasks):
             rank_zero_warn(f"Checkpoint tasks {saved} differ from this module's tasks {list(self.tasks)}.")
+
+
+CHECK_BATCHES = 10
+"""Batches of each stage whose label values ``check_inputs=True`` validates."""
+
+
+def _upgraded_key(name: str) -> str:
+    for old, new in (("heads.", "head."), ("loss_modules.", "loss_module.")):
+        if name.startswith(old):
+            task, _, rest = name[len(old) :].partition(".")
+            return f"units.{task}.{new}{rest}"
+    return name
+
+
+def _upgrade_state_keys(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+    """Load-state-dict pre-hook: rename keys of the pre-unit layout in place (see ``upgrade_state_keys``)."""
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        new = prefix + _upgraded_key(key[len(prefix) :])
+        if new != key and new not in state_dict:
+            state_dict[new] = state_dict.pop(key)
+
+
+def _batch_keys(batch: Any) -> list[str]:
+    if isinstance(batch, Mapping):
+        return sorted(str(k) for k in batch)
+    if isinstance(batch, (tuple, list)) and len(batch) == 2 and isinstance(batch[1], Mapping):
+        return sorted(str(k) for k in batch[1])
+    return [type(batch).__name__]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from torchmetrics import MetricCollection
 
 from lightning_mtl._registry import build_from_spec
-from lightning_mtl.kinds import LOSSES, TaskKind, get_kind, list_kinds
+from lightning_mtl.kinds import LOSSES, TaskKind, TaskLoss, get_kind, list_kinds
 
 STAGES = ("train", "val", "test")
 """The splits that get their own metrics per task."""
@@ -110,16 +110,17 @@ class Task:
         """Width of the head output."""
         return self.kind_obj.num_outputs(self)
 
-    def build_loss(self) -> Callable[[Tensor, Tensor], Tensor]:
-        """The loss callable ``loss(masked_outputs, masked_target) -> scalar``."""
-        if self.loss is None:
-            return LOSSES[self.kind_obj.default_loss]
-        if isinstance(self.loss, str):
-            return LOSSES[self.loss]
+    def build_loss(self) -> TaskLoss:
+        """The task's :class:`~lightning_mtl.kinds.TaskLoss`: evaluated per element, so that missing labels
+        are weighed out without a host read (a loss module with a ``reduction`` attribute is switched to
+        ``"none"``; a callable that only reduces is given the labelled elements instead)."""
+        if self.loss is None or isinstance(self.loss, str):
+            name = self.loss or self.kind_obj.default_loss
+            return TaskLoss(LOSSES[name], name)
         module = build_from_spec(self.loss, f"Task {self.name!r} loss")
         if not isinstance(module, nn.Module) and not callable(module):
             raise TypeError(f"Task {self.name!r}: loss spec built {module!r}, which is not callable.")
-        return module  # type: ignore[no-any-return]
+        return TaskLoss(module)
 
     def build_metrics(self) -> MetricCollection:
         """A fresh torchmetrics collection for one split."""
@@ -137,10 +138,11 @@ class Task:
             )
         return MetricCollection({k: presets[k]() for k in self.metrics})
 
-    def describe(self, outputs: Tensor) -> list[dict[str, Any]]:
-        """Raw head outputs -> a readable prediction per example."""
+    def describe(self, outputs: Tensor, lengths: list[int] | None = None) -> list[dict[str, Any]]:
+        """Raw head outputs -> a readable prediction per example (``lengths``: real tokens per example,
+        for token-level kinds)."""
         kind = self.kind_obj
-        return kind.describe(self, kind.postprocess(self, outputs).cpu())
+        return kind.describe(self, kind.postprocess(self, outputs).cpu(), lengths)
 
     # --- serialisation ----------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

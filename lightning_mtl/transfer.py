@@ -10,12 +10,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
-from torchmetrics import MeanMetric
 
-from lightning_mtl.tasks import STAGES, Task
+from lightning_mtl.tasks import Task
 
 if TYPE_CHECKING:
     from lightning_mtl.balancing import Balancer
+    from lightning_mtl.unit import TaskUnit
 
 
 class TransferMixin:
@@ -24,21 +24,17 @@ class TransferMixin:
     # provided by MultiTaskModule
     tasks: dict[str, Task]
     backbone: nn.Module
-    heads: nn.ModuleDict
-    loss_fns: dict[str, Any]
-    loss_modules: nn.ModuleDict
-    metrics: nn.ModuleDict
-    loss_means: nn.ModuleDict
+    units: nn.ModuleDict
     balancer: Balancer
     hparams: Any
     device: torch.device
 
-    def _build_head(self, task: Task) -> nn.Module:
+    def _build_unit(self, task: Task) -> TaskUnit:
         raise NotImplementedError  # MultiTaskModule's
 
     def add_task(self, task: Task | Mapping[str, Any], *, freeze: bool | str = False) -> None:
-        """Add a task to a (trained) module: a fresh head sized like the constructor sizes them, its loss,
-        and its metrics and loss mean for every stage. The balancer is set up again with all tasks (so the
+        """Add a task to a (trained) module: a fresh :class:`~lightning_mtl.unit.TaskUnit` (head sized like
+        the constructor sizes them, loss, metrics and loss mean for every stage). The balancer is set up again with all tasks (so the
         ``static`` one picks up ``Task.weight``) and ``hparams["tasks"]`` gains the task, so checkpoints
         and :meth:`save_pretrained` artifacts written afterwards reload with it.
 
@@ -63,7 +59,7 @@ class TransferMixin:
             >>> list(module.tasks), [t["name"] for t in module.hparams["tasks"]]
             (['stay', 'risk'], ['stay', 'risk'])
             >>> [n for n, p in module.named_parameters() if p.requires_grad]
-            ['heads.risk.proj.weight', 'heads.risk.proj.bias']
+            ['units.risk.head.proj.weight', 'units.risk.head.proj.bias']
         """
         if not (isinstance(freeze, bool) or freeze in ("all", "backbone")):
             raise ValueError(f"freeze must be False, True, 'all' or 'backbone', got {freeze!r}.")
@@ -71,22 +67,15 @@ class TransferMixin:
         if new.name in self.tasks:
             raise ValueError(f"Task {new.name!r} already exists; the tasks are {list(self.tasks)}.")
         device, dtype = self._parameter_placement()
-        head = self._build_head(new)
-        head.to(device=device, dtype=dtype)
-        loss_fn = new.build_loss()
-        if isinstance(loss_fn, nn.Module):
-            loss_fn.to(device=device, dtype=dtype)
-        metrics = {s: new.build_metrics().to(device) for s in STAGES}
+        unit = self._build_unit(new)
+        unit.to(device=device)
+        unit.head.to(dtype=dtype)
+        if hasattr(unit, "loss_module"):
+            unit.loss_module.to(dtype=dtype)
         self._setup_balancer([*self.tasks.values(), new])
 
         self.tasks[new.name] = new
-        self.heads[new.name] = head
-        self.loss_fns[new.name] = loss_fn
-        if isinstance(loss_fn, nn.Module):
-            self.loss_modules[new.name] = loss_fn
-        for stage in STAGES:
-            self.metrics[f"{stage}_{new.name}"] = metrics[stage]
-            self.loss_means[f"{stage}_{new.name}"] = MeanMetric().to(device)
+        self.units[new.name] = unit
         self.hparams["tasks"] = [*self.hparams["tasks"], new.to_dict()]
         if freeze == "backbone":
             self.backbone.requires_grad_(False)
@@ -94,7 +83,7 @@ class TransferMixin:
             self.freeze_all_but([new.name])
 
     def remove_task(self, name: str) -> None:
-        """Drop a task: its head, loss, metrics and loss means; the balancer is set up again with the
+        """Drop a task (its :class:`~lightning_mtl.unit.TaskUnit`: head, loss, metrics, loss means); the balancer is set up again with the
         remaining tasks and ``hparams["tasks"]`` loses it. The last task cannot be removed.
 
         Example:
@@ -112,13 +101,7 @@ class TransferMixin:
             raise ValueError(f"Cannot remove {name!r}: a MultiTaskModule needs at least one Task.")
         self._setup_balancer([t for n, t in self.tasks.items() if n != name])
         del self.tasks[name]
-        del self.heads[name]
-        self.loss_fns.pop(name)
-        if name in self.loss_modules:
-            del self.loss_modules[name]
-        for stage in STAGES:
-            del self.metrics[f"{stage}_{name}"]
-            del self.loss_means[f"{stage}_{name}"]
+        del self.units[name]
         self.hparams["tasks"] = [t for t in self.hparams["tasks"] if t["name"] != name]
 
     def freeze_all_but(self, task_names: Sequence[str]) -> None:
@@ -139,9 +122,8 @@ class TransferMixin:
         if unknown:
             raise KeyError(f"Unknown task(s) {unknown}; the tasks are {list(self.tasks)}.")
         self.backbone.requires_grad_(False)
-        for modules in (self.heads, self.loss_modules):
-            for n, m in modules.items():
-                m.requires_grad_(n in names)
+        for n, unit in self.units.items():
+            unit.requires_grad_(n in names)
 
     def _setup_balancer(self, tasks: list[Task]) -> None:
         """Set the balancer up for ``tasks``; on failure set it up again for the current tasks and re-raise."""
@@ -154,7 +136,7 @@ class TransferMixin:
 
     def _parameter_placement(self) -> tuple[torch.device, torch.dtype]:
         """Device and floating dtype of the existing heads (else the backbone), for new modules."""
-        for params in (self.heads.parameters(), self.backbone.parameters()):
+        for params in (self.units.parameters(), self.backbone.parameters()):
             for p in params:
                 if p.is_floating_point():
                     return p.device, p.dtype

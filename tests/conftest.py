@@ -139,6 +139,39 @@ class ToyConvBackbone(nn.Module):
         return {"spatial": spatial, "pooled": spatial.mean((2, 3))}
 
 
+class RecordingLogger:
+    """A Lightning logger that keeps every ``log_metrics`` call: ``history`` is a list of ``(step, metrics)``."""
+
+    def __new__(cls):
+        from lightning.pytorch.loggers.logger import Logger
+
+        class _Recording(Logger):
+            def __init__(self) -> None:
+                super().__init__()
+                self.history: list[tuple[int, dict[str, float]]] = []
+
+            @property
+            def name(self) -> str:
+                return "recording"
+
+            @property
+            def version(self) -> int:
+                return 0
+
+            def log_metrics(self, metrics, step=None) -> None:  # type: ignore[override]
+                self.history.append((step, dict(metrics)))
+
+            def log_hyperparams(self, params, *args, **kwargs) -> None:  # type: ignore[override]
+                pass
+
+        return _Recording()
+
+
+def logged_keys(logger) -> set[str]:
+    """Every metric name a :class:`RecordingLogger` received."""
+    return {k for _, metrics in logger.history for k in metrics}
+
+
 def fit(module, loader, steps: int = 60, **trainer_kwargs):
     import lightning as L
 

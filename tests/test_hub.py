@@ -215,7 +215,7 @@ def test_trainable_only_is_small_and_round_trips_against_the_base(tmp_path, fine
     stored = set(config["weights"]["tensors"])
     assert "backbone.model.embeddings.word_embeddings.weight" in config["base"]["tensors"]
     assert "backbone.model.encoder.layer.1.output.dense.weight" in stored
-    assert {"heads.sentiment.proj.weight", "heads.topic.proj.weight"} <= stored
+    assert {"units.sentiment.head.proj.weight", "units.topic.head.proj.weight"} <= stored
     assert not stored & set(config["base"]["tensors"])
 
     loaded = from_pretrained(small)
@@ -305,10 +305,10 @@ def test_newer_schema_is_refused_naming_the_needed_version(artifact):
 
 
 def test_missing_tensor_is_refused_by_name(artifact, boring_module):
-    rewrite_weights(artifact, lambda t: t.pop("heads.stay.proj.bias"))
-    with pytest.raises(ArtifactError, match=r"missing \['heads\.stay\.proj\.bias'\]"):
+    rewrite_weights(artifact, lambda t: t.pop("units.stay.head.proj.bias"))
+    with pytest.raises(ArtifactError, match=r"missing \['units\.stay\.head\.proj\.bias'\]"):
         from_pretrained(artifact)
-    with pytest.warns(UserWarning, match="heads.stay.proj.bias"):
+    with pytest.warns(UserWarning, match="units.stay.head.proj.bias"):
         loaded = from_pretrained(artifact, strict=False)
     assert torch.equal(loaded.heads["risk"].proj.weight, boring_module.heads["risk"].proj.weight)
 
@@ -320,11 +320,44 @@ def test_extra_tensor_is_refused_by_name(artifact):
 
 
 def test_shape_mismatch_is_refused_with_both_shapes(artifact):
+    rewrite_weights(artifact, lambda t: t.update({"units.risk.head.proj.weight": torch.zeros(2, 32)}))
+    with pytest.raises(
+        ArtifactError, match=r"units\.risk\.head\.proj\.weight: expected \(1, 32\), found \(2, 32\)"
+    ):
+        from_pretrained(artifact, strict=False)  # shapes are never relaxed
+
+
+def test_artifact_of_the_pre_unit_layout_loads(artifact, boring_module):
+    """Artifacts saved before task units (``heads.<task>.*`` tensors) load into today's module, and their
+    problems are reported under the file's own names."""
+
+    def old_layout(tensors):
+        for name in [n for n in tensors if n.startswith("units.")]:
+            task, _, rest = name[len("units.") :].partition(".")
+            tensors[f"heads.{task}.{rest.removeprefix('head.')}"] = tensors.pop(name)
+
+    rewrite_weights(artifact, old_layout)
+    assert any(n.startswith("heads.risk.") for n in load_file(artifact / "model.safetensors"))
+    loaded = from_pretrained(artifact)
+    x = torch.randn(5, 8)
+    assert loaded.predict(x) == boring_module.eval().predict(x)
     rewrite_weights(artifact, lambda t: t.update({"heads.risk.proj.weight": torch.zeros(2, 32)}))
     with pytest.raises(
         ArtifactError, match=r"heads\.risk\.proj\.weight: expected \(1, 32\), found \(2, 32\)"
     ):
-        from_pretrained(artifact, strict=False)  # shapes are never relaxed
+        from_pretrained(artifact)
+
+
+def test_checkpoint_of_the_pre_unit_layout_loads(boring_module):
+    old = {
+        k.replace("units.", "heads.").replace(".head.", "."): v for k, v in boring_module.state_dict().items()
+    }
+    assert "heads.risk.proj.weight" in old and not any(k.startswith("units.") for k in old)
+    fresh = MultiTaskModule(
+        boring_module.backbone.__class__(8, hidden=(32,), dropout=0.0), TABULAR_TASKS[::3]
+    )
+    fresh.load_state_dict(old)  # strict: every old key found its new home
+    assert torch.equal(fresh.heads["risk"].proj.weight, boring_module.heads["risk"].proj.weight)
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,16 @@ import math
 
 import pytest
 import torch
-from conftest import TABULAR_TASKS, DictDataset, ToyConvBackbone, ToyTokenBackbone, fit, toy_tabular
+from conftest import (
+    TABULAR_TASKS,
+    DictDataset,
+    RecordingLogger,
+    ToyConvBackbone,
+    ToyTokenBackbone,
+    fit,
+    logged_keys,
+    toy_tabular,
+)
 from lightning.pytorch.utilities import CombinedLoader
 from torch import nn
 from torch.utils.data import DataLoader
@@ -101,10 +110,10 @@ def test_missing_label_changes_neither_loss_nor_metrics(task, missing):
     masked_targets[task][0] = missing
     kept = {k: v[1:] for k, v in data.items() if k != "x"}
     losses_masked = module.compute_losses(outputs, masked_targets, "val")
-    metric_masked = {k: float(v) for k, v in module.metrics[f"val_{task}"].compute().items()}
-    module.metrics[f"val_{task}"].reset()
+    metric_masked = {k: float(v) for k, v in module.units[task].collection("val").compute().items()}
+    module.units[task].collection("val").reset()
     losses_kept = module.compute_losses({k: v[1:] for k, v in outputs.items()}, kept, "val")
-    metric_kept = {k: float(v) for k, v in module.metrics[f"val_{task}"].compute().items()}
+    metric_kept = {k: float(v) for k, v in module.units[task].collection("val").compute().items()}
     assert torch.allclose(losses_masked[task], losses_kept[task])
     assert metric_masked == pytest.approx(metric_kept)
     # and the loss really depends on the labelled examples
@@ -150,12 +159,15 @@ def test_heterogeneous_datasets_each_through_the_backbone():
     groups = module.split_batch({"risk": next(iter(loaders["risk"])), "stay": None})
     assert [g.tasks for g in groups] == [["risk"]] and set(groups[0].inputs) == {"x"}
     before = eval_losses(module, {"x": data["x"], "risk": data["risk"], "stay": data["stay"]})
-    trainer = fit(module, CombinedLoader(loaders, mode="max_size_cycle"), steps=100)
+    logger = RecordingLogger()
+    fit(module, CombinedLoader(loaders, mode="max_size_cycle"), steps=100, logger=logger, log_every_n_steps=1)
     after = eval_losses(module, {"x": data["x"], "risk": data["risk"], "stay": data["stay"]})
     assert after["risk"] < 0.7 * before["risk"] and after["stay"] < 0.5 * before["stay"]
     # both tasks were logged at every step with their own key
-    assert {"train/risk/loss", "train/stay/loss", "weights/risk", "weights/stay"} <= set(
-        trainer.callback_metrics
+    steps = [m for _, m in logger.history if "train/loss" in m]
+    assert len(steps) == 100
+    assert all(
+        {"train/risk/loss", "train/stay/loss", "weights/risk", "weights/stay"} <= set(m) for m in steps
     )
 
 
@@ -244,8 +256,9 @@ def test_subclass_extra_loss_changes_training():
     sub = copy.deepcopy(plain)
     sub.__class__ = FeatureDecayModule
     fit(plain, loader, steps=40)
-    trainer = fit(sub, loader, steps=40)
-    assert "train/extra/feature_l2" in trainer.callback_metrics
+    logger = RecordingLogger()
+    fit(sub, loader, steps=40, logger=logger, log_every_n_steps=10)
+    assert [step for step, m in logger.history if "train/extra/feature_l2" in m] == [9, 19, 29, 39]
     with torch.no_grad():
         norm_plain = plain.backbone(data["x"]).pow(2).mean()
         norm_sub = sub.backbone(data["x"]).pow(2).mean()
@@ -291,11 +304,14 @@ def test_train_metrics_can_be_switched_off():
     loader = torch.utils.data.DataLoader(DictDataset(data), batch_size=16)
     torch.manual_seed(0)
     module = MultiTaskModule(MLPBackbone(8, hidden=(16,)), TABULAR_TASKS, train_metrics=False)
-    trainer = fit(module, loader, steps=8, limit_val_batches=2)  # two epochs
-    logged = dict(trainer.callback_metrics)
+    logger = RecordingLogger()
+    trainer = fit(
+        module, loader, steps=8, limit_val_batches=2, logger=logger, log_every_n_steps=1
+    )  # 2 epochs
+    logged = logged_keys(logger) | set(trainer.callback_metrics)
     assert "train/risk/loss" in logged
     assert not any(k.startswith("train/") and k.count("/") == 2 and not k.endswith("/loss") for k in logged)
     trainer.validate(module, loader, verbose=False)
     assert "val/risk/accuracy" in trainer.callback_metrics
-    assert module.metrics["train_risk"]["accuracy"].update_count == 0
+    assert module.units["risk"].collection("train")["accuracy"].update_count == 0
     assert module.hparams["train_metrics"] is False

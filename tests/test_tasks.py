@@ -122,7 +122,7 @@ def test_round_trip_with_specs():
     )
     again = Task.from_dict(json.loads(json.dumps(task.to_dict())))
     assert again == task
-    assert again.build_loss().beta == 0.5
+    assert again.build_loss().fn.beta == 0.5
 
 
 def test_from_dict_unknown_keys():
@@ -200,25 +200,33 @@ def test_threshold_reaches_preset_metrics():
 @pytest.mark.parametrize("kind", list_kinds())
 def test_default_loss_of_kind(kind):
     task = Task("t", kind=kind, labels=["a", "b"])
-    assert task.build_loss() is LOSSES[get_kind(kind).default_loss]
+    loss = task.build_loss()
+    assert loss.fn is LOSSES[get_kind(kind).default_loss] and loss.name == get_kind(kind).default_loss
+    assert loss.elementwise and loss.builtin
 
 
 @pytest.mark.parametrize("name", sorted(LOSSES))
 def test_named_loss(name):
-    assert Task("r", kind="regression", loss=name).build_loss() is LOSSES[name]
+    loss = Task("r", kind="regression", loss=name).build_loss()
+    assert loss.fn is LOSSES[name] and loss.elementwise
+    pred, target = torch.randn(5, 3), torch.rand(5, 3)
+    if name == "ce":
+        pred, target = torch.randn(5, 3), torch.tensor([0, 2, 1, 1, 0])
+    # per element, no reduction: the module weighs missing labels out on these values
+    assert torch.allclose(loss(pred, target), LOSSES[name](pred, target, reduction="none"))
 
 
 def test_custom_loss_spec_matches_torch():
     task = Task("r", kind="regression", loss={"class_path": "torch.nn.SmoothL1Loss"})
     loss = task.build_loss()
-    assert isinstance(loss, nn.SmoothL1Loss)
+    assert isinstance(loss.fn, nn.SmoothL1Loss) and loss.fn.reduction == "none" and loss.elementwise
     torch.manual_seed(0)
     pred, target = torch.randn(16) * 3, torch.randn(16) * 3
-    assert torch.allclose(loss(pred, target), F.smooth_l1_loss(pred, target))
+    assert torch.allclose(loss(pred, target), F.smooth_l1_loss(pred, target, reduction="none"))
     beta = Task(
         "r", kind="regression", loss={"class_path": "torch.nn.SmoothL1Loss", "init_args": {"beta": 0.25}}
     ).build_loss()
-    assert torch.allclose(beta(pred, target), F.smooth_l1_loss(pred, target, beta=0.25))
+    assert torch.allclose(beta(pred, target), F.smooth_l1_loss(pred, target, beta=0.25, reduction="none"))
     assert not torch.allclose(beta(pred, target), loss(pred, target))
 
 
@@ -226,7 +234,7 @@ def test_custom_loss_spec_used_by_module_on_masked_targets():
     task = Task("r", kind="regression", loss={"class_path": "torch.nn.SmoothL1Loss"})
     torch.manual_seed(0)
     module = MultiTaskModule(MLPBackbone(4, hidden=(8,), dropout=0.0), [task])
-    assert isinstance(module.loss_modules["r"], nn.SmoothL1Loss)
+    assert isinstance(module.units["r"].loss_module, nn.SmoothL1Loss)
     x = torch.randn(6, 4)
     target = torch.tensor([1.0, float("nan"), 3.0, -2.0, float("nan"), 0.5])
     with torch.no_grad():
@@ -248,3 +256,26 @@ def test_describe_goes_through_the_kind():
     described = task.describe(torch.tensor([[0.0, 0.0, 4.0]]))
     assert described[0]["label"] == "c"
     assert sum(described[0]["probabilities"].values()) == pytest.approx(1.0)
+
+
+class OnlyMean(nn.Module):
+    """A loss that can only reduce (no ``reduction`` attribute): given the labelled elements instead."""
+
+    def forward(self, pred, target):
+        return (pred - target).abs().mean()
+
+
+def test_a_loss_without_reduction_gets_the_labelled_elements():
+    task = Task("r", kind="regression", loss={"class_path": "test_tasks.OnlyMean"})
+    assert not task.build_loss().elementwise
+    torch.manual_seed(0)
+    module = MultiTaskModule(MLPBackbone(4, hidden=(8,), dropout=0.0), [task])
+    x = torch.randn(6, 4)
+    target = torch.tensor([1.0, float("nan"), 3.0, -2.0, float("nan"), 0.5])
+    with torch.no_grad():
+        out = module(x)["r"][:, 0]
+        loss = module.compute_losses(module(x), {"r": target}, "val")["r"]
+        none, count = module.units["r"].loss(module(x)["r"], torch.full((6,), float("nan")))
+    keep = ~torch.isnan(target)
+    assert torch.allclose(loss, (out[keep] - target[keep]).abs().mean())
+    assert float(none) == 0.0 and int(count) == 0  # no label: 0, not NaN

@@ -56,7 +56,9 @@ def trained(trained_state) -> MultiTaskModule:
 
 def build_trained_like(module: MultiTaskModule) -> MultiTaskModule:
     other = build()
-    other.load_state_dict({k: v for k, v in module.state_dict().items() if not k.startswith("heads.new.")})
+    other.load_state_dict(
+        {k: v for k, v in module.state_dict().items() if not k.startswith("units.new.head.")}
+    )
     return other
 
 
@@ -91,10 +93,10 @@ def fine_tune(module: MultiTaskModule, steps: int = 60):
 @pytest.mark.parametrize("freeze", [True, "all", "backbone", False])
 def test_add_task_fine_tunes_the_new_head(trained, freeze):
     old_backbone = snapshot(trained, "backbone.")
-    old_heads = {n: snapshot(trained, f"heads.{n}.") for n in OLD}
+    old_heads = {n: snapshot(trained, f"units.{n}.head.") for n in OLD}
     trained.add_task(new_task(), freeze=freeze)
     assert list(trained.tasks) == [*OLD, "new"]
-    new_head = snapshot(trained, "heads.new.")
+    new_head = snapshot(trained, "units.new.head.")
     held_out = new_data(128, seed=7)
     before = new_loss(trained, held_out)
 
@@ -167,7 +169,7 @@ def test_duplicate_name_and_bad_freeze_raise_and_change_nothing(trained):
         trained.add_task(new_task(), freeze="heads")
     assert list(trained.tasks) == OLD and list(trained.heads) == OLD
     assert [t["name"] for t in trained.hparams["tasks"]] == OLD
-    assert sorted(trained.metrics) == sorted(f"{s}_{n}" for s in ("train", "val", "test") for n in OLD)
+    assert list(trained.units) == OLD
     assert trained.state_dict().keys() == state.keys()
     assert all(p.requires_grad for p in trained.parameters())
 
@@ -176,15 +178,15 @@ def test_add_task_from_dict_builds_loss_metrics_and_loss_means_for_every_stage(t
     trained.add_task(new_task().to_dict())
     assert isinstance(trained.tasks["new"], Task)
     for stage in ("train", "val", "test"):
-        assert set(trained.metrics[f"{stage}_new"]) == set(new_task().build_metrics())
-        assert f"{stage}_new" in trained.loss_means
+        assert set(trained.units["new"].collection(stage)) == set(new_task().build_metrics())
+        assert trained.units["new"].loss_mean(stage).update_count == 0
     batch = new_data(32)
     with torch.no_grad():
         losses, _ = trained.shared_step(batch, "val")
     assert set(losses) == {"new"}  # tasks without targets in the batch are left out
     assert float(losses["new"]) > 0
-    assert float(trained.loss_means["val_new"].compute()) == pytest.approx(float(losses["new"]))
-    assert 0.0 <= float(trained.metrics["val_new"].compute()["accuracy"]) <= 1.0
+    assert float(trained.units["new"].loss_mean("val").compute()) == pytest.approx(float(losses["new"]))
+    assert 0.0 <= float(trained.units["new"].collection("val").compute()["accuracy"]) <= 1.0
     assert trained.hparams["tasks"][-1] == new_task().to_dict()
 
 
@@ -237,8 +239,8 @@ def test_remove_task(trained, tmp_path):
     trained.remove_task("stay")
     assert list(trained.tasks) == ["risk", "new"] and list(trained.heads) == ["risk", "new"]
     assert trained.balancer.task_names == ["risk", "new"]
-    assert not any(k.startswith("heads.stay.") for k in trained.state_dict())
-    assert not any(k.endswith("_stay") for k in (*trained.metrics, *trained.loss_means))
+    assert not any(k.startswith("units.stay.head.") for k in trained.state_dict())
+    assert "stay" not in trained.units
     loaded = from_pretrained(save_pretrained(trained, tmp_path / "artifact"))
     assert list(loaded.tasks) == ["risk", "new"]
     assert loaded.predict(x) == {k: v for k, v in expected.items() if k != "stay"}
@@ -252,7 +254,7 @@ def test_remove_task(trained, tmp_path):
 def test_freeze_all_but(trained):
     trained.freeze_all_but(["stay"])
     trainable = {n for n, p in trained.named_parameters() if p.requires_grad}
-    assert trainable and all(n.startswith("heads.stay.") for n in trainable)
-    assert trainable == {f"heads.stay.{n}" for n, _ in trained.heads["stay"].named_parameters()}
+    assert trainable and all(n.startswith("units.stay.head.") for n in trainable)
+    assert trainable == {f"units.stay.head.{n}" for n, _ in trained.heads["stay"].named_parameters()}
     with pytest.raises(KeyError, match="Unknown task"):
         trained.freeze_all_but(["nope"])

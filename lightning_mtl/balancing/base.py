@@ -10,6 +10,15 @@ A balancer turns the per-task losses of a step into the quantity the optimizer f
   *automatic* optimization: it returns a surrogate loss whose gradient is exactly the aggregated
   direction, so gradient clipping, accumulation, AMP loss scaling and DDP reduction all keep working.
 
+The module calls the balancer once per training step, ``balancer(losses, context)``: ``losses`` is a
+:class:`TaskLosses` (the per-task losses, with dense device-side views over all tasks), ``context`` a
+:class:`StepContext`. A gradient method runs its own Jacobian step inside that call. The base class counts
+the calls (:attr:`Balancer.step_count`).
+
+Nothing in a balancer's step reads the device from the host (no ``.item()``, ``int(tensor)``, boolean
+indexing): which tasks have labels in a step is the device tensor :attr:`TaskLosses.present`, never a
+Python decision, so a step never stalls a GPU.
+
 Hooks a balancer may implement besides :meth:`Balancer.forward`: :meth:`Balancer.on_train_epoch_end`
 (epoch-level statistics, e.g. DWA) and :meth:`Balancer.after_step` (losses re-computed on the same batch
 after the optimizer step, e.g. FAMO; set ``needs_post_step_losses = True``).
@@ -26,8 +35,9 @@ checkpoint's ``state_dict`` and a resumed run continues exactly.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -41,6 +51,82 @@ if TYPE_CHECKING:
 BALANCER_REGISTRY: Registry[type[Balancer]] = Registry("balancer")
 
 
+class TaskLosses(Mapping[str, Tensor]):
+    """The per-task losses of one step: a mapping over the tasks that have targets in the batch (each a
+    scalar in the autograd graph), plus dense views over all ``task_names`` (the balancer's order) that
+    are computed on the device and never read from the host.
+
+    ``counts``: the number of labelled elements of each task in the mapping (tensors); a task whose count is
+    0 (every label of the batch missing) has loss 0 and is not :attr:`present`. Without counts every task
+    of the mapping is present.
+
+    Example:
+        >>> losses = TaskLosses({"a": torch.tensor(2.0)}, ["a", "b"])
+        >>> losses.vector, losses.present
+        (tensor([2., 0.]), tensor([ True, False]))
+        >>> dict(losses)
+        {'a': tensor(2.)}
+    """
+
+    def __init__(
+        self,
+        losses: Mapping[str, Tensor],
+        task_names: Sequence[str],
+        counts: Mapping[str, Tensor] | None = None,
+    ) -> None:
+        self._losses = dict(losses)
+        self.task_names: tuple[str, ...] = tuple(task_names)
+        unknown = [n for n in self._losses if n not in self.task_names]
+        if unknown:
+            raise KeyError(f"Losses for unknown task(s) {unknown}; the tasks are {list(self.task_names)}.")
+        self._counts = dict(counts) if counts is not None else None
+
+    @classmethod
+    def coerce(cls, losses: Mapping[str, Tensor], task_names: Sequence[str]) -> TaskLosses:
+        """``losses`` as :class:`TaskLosses` over ``task_names`` (or over its own keys if none are given)."""
+        if isinstance(losses, TaskLosses):
+            return losses
+        return cls(losses, task_names or list(losses))
+
+    def __getitem__(self, name: str) -> Tensor:
+        return self._losses[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._losses)
+
+    def __len__(self) -> int:
+        return len(self._losses)
+
+    def _dense(self, values: Mapping[str, Tensor], dtype: torch.dtype) -> Tensor:
+        first = next(iter(self._losses.values()))
+        zero = first.new_zeros((), dtype=dtype)
+        rows = [values[n] if n in values else zero for n in self.task_names]
+        rows = [r if r.dtype == dtype else r.to(dtype) for r in rows]
+        return torch.stack(rows)
+
+    @cached_property
+    def vector(self) -> Tensor:
+        """Float32 losses of every task in ``task_names`` order, 0 for tasks without a loss (in the graph)."""
+        return self._dense(self._losses, torch.float32)
+
+    @cached_property
+    def counts(self) -> Tensor:
+        """Labelled elements per task, float32, 0 for tasks without a loss."""
+        if self._counts is None:
+            return self._dense({n: v.new_ones(()) for n, v in self._losses.items()}, torch.float32)
+        return self._dense(self._counts, torch.float32)
+
+    @cached_property
+    def present(self) -> Tensor:
+        """Bool: the task has at least one labelled element in this step (on this rank)."""
+        return self.counts > 0
+
+    def detached(self) -> TaskLosses:
+        """The same losses cut from the autograd graph (e.g. to compare them after the optimizer step)."""
+        out = TaskLosses({n: v.detach() for n, v in self._losses.items()}, self.task_names, self._counts)
+        return out
+
+
 @dataclass
 class StepContext:
     """What the module tells a balancer about the current training step, beyond the losses.
@@ -49,25 +135,80 @@ class StepContext:
     ``backbone``: the shared network (its trainable parameters are the shared parameters);
     ``loss_scale``: the AMP loss scale as a tensor (``1.0`` without a ``GradScaler``), by which a balancer
     multiplies a loss before its own ``torch.autograd.grad`` call and divides the result, so fp16
-    gradients do not underflow and no absolute epsilon ever sees scaled values.
+    gradients do not underflow and no absolute epsilon ever sees scaled values;
+    ``amp_scaled``: whether a GradScaler is active (``loss_scale`` may then differ from 1);
+    ``task_parameters``: the parameters only each task uses (its head and loss module);
+    ``retain_graph``: keep the graph after a gradient balancer's own backward passes (the module adds
+    further terms, e.g. extra losses).
     """
 
     features: list[Tensor]
     backbone: nn.Module
     loss_scale: Tensor
-    amp_scaled: bool = False  # whether a GradScaler is active (``loss_scale`` may then differ from 1)
+    amp_scaled: bool = False
+    task_parameters: Mapping[str, Sequence[nn.Parameter]] = field(default_factory=dict)
+    retain_graph: bool = False
 
     def shared_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.backbone.parameters() if p.requires_grad]
 
 
-@dataclass
 class Balanced:
-    """What a loss-weighting balancer returns: the ``loss`` to back-propagate and the ``weights``
-    it gave each task (logged as ``weights/<task>``)."""
+    """What a balancer returns: the ``loss`` to back-propagate, the weight it gave each task, and the
+    ``objective`` to report as ``train/loss`` (the loss itself, or for gradient methods, whose ``loss`` is a
+    surrogate, the plain sum of the task losses).
 
-    loss: Tensor
-    weights: dict[str, Tensor]
+    ``weights`` may be given as a tensor over ``task_names`` (0 for tasks absent from the step) or as a
+    ``{task: weight}`` dict; :attr:`weights` reads as a dict over the tasks of the step, :attr:`vector` as the
+    dense tensor (logged as ``weights/<task>``).
+
+    Example:
+        >>> out = Balanced(torch.tensor(3.0), torch.tensor([1.0, 2.0]), task_names=("a", "b"))
+        >>> out.weights
+        {'a': tensor(1.), 'b': tensor(2.)}
+    """
+
+    def __init__(
+        self,
+        loss: Tensor,
+        weights: Tensor | Mapping[str, Tensor],
+        *,
+        task_names: Sequence[str] | None = None,
+        names: Sequence[str] | None = None,
+        objective: Tensor | None = None,
+    ) -> None:
+        self.loss = loss
+        self.objective = loss if objective is None else objective
+        if isinstance(weights, Mapping):
+            self._dict: dict[str, Tensor] | None = dict(weights)
+            self.task_names = tuple(task_names or self._dict)
+            self.names = tuple(names or self._dict)
+            self._vector: Tensor | None = None
+        else:
+            if task_names is None:
+                raise ValueError("Balanced: weights given as a tensor need task_names.")
+            self._dict, self._vector = None, weights
+            self.task_names = tuple(task_names)
+            self.names = tuple(names if names is not None else task_names)
+
+    @property
+    def vector(self) -> Tensor:
+        """The weights over ``task_names`` as one tensor (0 where a task has none)."""
+        if self._vector is None:
+            assert self._dict is not None
+            first = next(iter(self._dict.values()), self.loss)
+            zero = first.new_zeros((), dtype=torch.float32)
+            self._vector = torch.stack([self._dict.get(n, zero).float() for n in self.task_names])
+        return self._vector
+
+    @property
+    def weights(self) -> dict[str, Tensor]:
+        """``{task: weight}`` over the tasks of the step."""
+        if self._dict is None:
+            assert self._vector is not None
+            index = {n: i for i, n in enumerate(self.task_names)}
+            self._dict = {n: self._vector[index[n]] for n in self.names}
+        return self._dict
 
 
 class Balancer(nn.Module):
@@ -111,48 +252,48 @@ class Balancer(nn.Module):
                     "Use balancer='static' for fixed weights, or remove the weights."
                 )
 
-    def forward(self, losses: Mapping[str, Tensor], context: StepContext | None = None) -> Balanced:
-        """Combine the losses of the tasks present in this step (absent tasks are simply missing)."""
+    def __call__(self, losses: Mapping[str, Tensor], context: StepContext | None = None) -> Balanced:
+        """Balance one step: ``losses`` (a :class:`TaskLosses`, or a plain ``{task: loss}`` dict) -> the
+        :class:`Balanced` result; counts the step (:attr:`step_count`) after :meth:`forward` ran."""
+        losses = TaskLosses.coerce(losses, self.task_names)
+        out = super().__call__(losses) if context is None else super().__call__(losses, context)
+        self.count_step()
+        return out  # type: ignore[no-any-return]
+
+    def forward(self, losses: TaskLosses, context: StepContext | None = None) -> Balanced:
+        """Combine one step's task losses. ``losses.vector``/``losses.present`` are dense over
+        ``task_names``; a task without labels in the step has loss 0 and ``present`` False."""
         raise NotImplementedError
 
     def on_train_epoch_end(self) -> None:
         """Called by the module at the end of every training epoch (on every rank)."""
 
-    def after_step(self, before: Mapping[str, Tensor], after: Mapping[str, Tensor]) -> None:
+    def after_step(self, before: TaskLosses, after: TaskLosses) -> None:
         """Called after each optimizer step when ``needs_post_step_losses``: the losses of the same batch
         before and after the update (detached)."""
 
     # --- helpers for subclasses ---------------------------------------------------------------------
     def index(self, names: Sequence[str] | Mapping[str, Any]) -> Tensor:
-        """Positions of ``names`` in ``self.task_names`` (as a long tensor on the balancer's device)."""
-        return torch.tensor(
-            [self.task_names.index(n) for n in names], dtype=torch.long, device=self.calls.device
+        """Positions of ``names`` in ``self.task_names`` (a long tensor on the balancer's device)."""
+        return torch.tensor([self.task_names.index(n) for n in names], dtype=torch.long).to(
+            self.calls.device, non_blocking=True
         )
 
-    def stack(self, values: Mapping[str, Tensor]) -> Tensor:
-        """``values`` (a subset of the tasks) as a float tensor of length ``len(task_names)``, zeros elsewhere."""
-        first = next(iter(values.values()))
-        out = torch.zeros(len(self.task_names), dtype=torch.float32, device=first.device)
-        for name, v in values.items():
-            out[self.task_names.index(name)] = v.detach().float()
-        return out
+    def reduce_per_task(self, values: Tensor, present: Tensor) -> tuple[Tensor, Tensor]:
+        """Average per-task values (dense over ``task_names``) over the DDP ranks where each task is present.
 
-    def reduce_per_task(self, values: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
-        """Average per-task scalars over the DDP ranks where each task is present.
-
-        Returns ``(mean, present)``: two tensors of length ``len(task_names)``; ``present`` is a bool mask
-        of the tasks present on at least one rank, ``mean`` is 0 elsewhere. Without a process group this
-        is :meth:`stack` and the local presence mask. A collective: call it on every rank, every step.
+        Returns ``(mean, present)``: ``present`` marks the tasks present on at least one rank, ``mean`` is 0
+        elsewhere. Without a process group: the local values (0 where absent) and presence. A collective:
+        call it on every rank, every step. No host read.
         """
-        stacked = self.stack(values)
-        count = torch.zeros_like(stacked)
-        count[[self.task_names.index(n) for n in values]] = 1.0
+        present_f = present.to(values.dtype)
+        values = torch.where(present, values, torch.zeros_like(values))
         if is_distributed():
-            both = torch.stack([stacked, count])
+            both = torch.stack([values, present_f])
             torch.distributed.all_reduce(both)
-            stacked, count = both[0], both[1]
-        present = count > 0
-        return torch.where(present, stacked / count.clamp_min(1.0), torch.zeros_like(stacked)), present
+            values, present_f = both[0], both[1]
+        anywhere = present_f > 0
+        return torch.where(anywhere, values / present_f.clamp_min(1.0), torch.zeros_like(values)), anywhere
 
     @property
     def step_count(self) -> int:
@@ -202,13 +343,16 @@ class Balancer(nn.Module):
             "init_args": self.config(),
         }
 
-    @staticmethod
-    def weighted_sum(losses: Mapping[str, Tensor], weights: Mapping[str, float | Tensor]) -> Balanced:
-        """``sum_t w_t * L_t`` over the tasks present, with the weights as tensors for logging."""
-        first = next(iter(losses.values()))
-        out = {k: torch.as_tensor(weights[k], dtype=torch.float32, device=first.device) for k in losses}
-        total = sum(out[k] * v for k, v in losses.items())
-        return Balanced(loss=total if isinstance(total, Tensor) else first * 0, weights=out)
+    def weighted_sum(self, losses: TaskLosses, weights: Tensor | Mapping[str, float | Tensor]) -> Balanced:
+        """``sum_t w_t L_t`` with ``weights`` dense over ``task_names`` (tasks without a loss add 0), or a
+        ``{task: weight}`` dict (missing tasks weigh 0)."""
+        if isinstance(weights, Mapping):
+            weights = torch.stack(
+                [torch.as_tensor(weights.get(n, 0.0), dtype=torch.float32) for n in losses.task_names]
+            ).to(losses.vector.device)
+        return Balanced(
+            (weights * losses.vector).sum(), weights, task_names=losses.task_names, names=tuple(losses)
+        )
 
 
 def is_distributed() -> bool:
@@ -226,9 +370,9 @@ def register_balancer(name: str) -> Callable[[type[Balancer]], type[Balancer]]:
     Example:
         >>> @register_balancer("doc_example_max")
         ... class MaxLoss(Balancer):
-        ...     def forward(self, losses, context=None):
-        ...         worst = max(losses, key=lambda k: float(losses[k]))
-        ...         return self.weighted_sum(losses, {k: float(k == worst) for k in losses})
+        ...     def forward(self, losses, context=None):  # all weight on the largest loss, on the device
+        ...         worst = losses.vector == losses.vector.max()
+        ...         return self.weighted_sum(losses, worst.float())
         >>> "doc_example_max" in list_balancers()
         True
     """

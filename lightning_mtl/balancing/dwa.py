@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-from lightning_mtl.balancing.base import Balanced, Balancer, StepContext, is_distributed, register_balancer
+from lightning_mtl.balancing.base import (
+    Balanced,
+    Balancer,
+    StepContext,
+    TaskLosses,
+    is_distributed,
+    register_balancer,
+)
 
 if TYPE_CHECKING:
     from lightning_mtl.tasks import Task
@@ -62,30 +69,27 @@ class DynamicWeightAverage(Balancer):
         self.register_buffer("history", torch.zeros(2, n, device=device))
         self.register_buffer("history_seen", torch.zeros(2, n, dtype=torch.bool, device=device))
 
-    def forward(self, losses: Mapping[str, Tensor], context: StepContext | None = None) -> Balanced:
-        first = next(iter(losses.values()))
-        idx = self.index(losses).to(first.device)
-        values = torch.stack([v.detach().float() for v in losses.values()])
-        self.epoch_sum.index_add_(0, idx, values.to(self.epoch_sum.device))
-        self.epoch_count.index_add_(0, idx, torch.ones_like(values).to(self.epoch_count.device))
+    def forward(self, losses: TaskLosses, context: StepContext | None = None) -> Balanced:
+        present = losses.present
+        # Dense, in the buffers' own dtype (FSDP may keep buffers in bf16): no index_add_, no host read.
+        self.epoch_sum.add_(torch.where(present, losses.vector.detach(), 0.0).to(self.epoch_sum))
+        self.epoch_count.add_(present.to(self.epoch_count))
 
         prev, prev2 = self.history[0], self.history[1]
         valid = self.history_seen.all(0) & (prev2 > 0)
         ratio = torch.where(
             valid, prev / torch.where(valid, prev2, torch.ones_like(prev2)), torch.ones_like(prev)
         )
-        all_weights = len(self.task_names) * torch.softmax(ratio / self.temperature, dim=0)
-        weights = all_weights.to(first.device).index_select(0, idx)
-        total = (weights * torch.stack([v.float() for v in losses.values()])).sum()
-        return Balanced(loss=total, weights={n: weights[i] for i, n in enumerate(losses)})
+        weights = len(self.task_names) * torch.softmax(ratio.float() / self.temperature, dim=0)
+        return self.weighted_sum(losses, weights.to(losses.vector.device) * present)
 
     def on_train_epoch_end(self) -> None:
-        both = torch.stack([self.epoch_sum, self.epoch_count])
+        both = torch.stack([self.epoch_sum.float(), self.epoch_count.float()])
         if is_distributed():
             torch.distributed.all_reduce(both)
         seen = both[1] > 0
         mean = torch.where(seen, both[0] / both[1].clamp_min(1.0), torch.zeros_like(both[0]))
-        self.history.copy_(torch.stack([mean, self.history[0]]))
+        self.history.copy_(torch.stack([mean, self.history[0].float()]))
         self.history_seen.copy_(torch.stack([seen, self.history_seen[0]]))
         self.epoch_sum.zero_()
         self.epoch_count.zero_()

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import ClassVar
 
-from torch import Tensor
-
-from lightning_mtl.balancing.base import Balanced, Balancer, StepContext, register_balancer
+from lightning_mtl.balancing.base import Balanced, Balancer, StepContext, TaskLosses, register_balancer
 
 
 @register_balancer("equal")
@@ -22,5 +19,8 @@ class EqualWeighting(Balancer):
 
     stateful: ClassVar[bool] = False
 
-    def forward(self, losses: Mapping[str, Tensor], context: StepContext | None = None) -> Balanced:
-        return self.weighted_sum(losses, dict.fromkeys(losses, 1.0))
+    def forward(self, losses: TaskLosses, context: StepContext | None = None) -> Balanced:
+        vector = losses.vector
+        return Balanced(
+            vector.sum(), vector.new_ones(vector.shape), task_names=losses.task_names, names=tuple(losses)
+        )

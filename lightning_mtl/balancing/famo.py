@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 from torch import Tensor
 
-from lightning_mtl.balancing.base import Balanced, Balancer, StepContext, register_balancer
+from lightning_mtl.balancing.base import Balanced, Balancer, StepContext, TaskLosses, register_balancer
 
 if TYPE_CHECKING:
     from lightning_mtl.tasks import Task
@@ -99,21 +99,23 @@ class FAMO(Balancer):
         """``L - min + eps``, with ``L`` clamped at ``min``."""
         return (values - mins.to(values.device)).clamp_min(0.0) + self.eps
 
-    def forward(self, losses: Mapping[str, Tensor], context: StepContext | None = None) -> Balanced:
-        first = next(iter(losses.values()))
-        idx = self.index(losses).to(first.device)
-        z = torch.softmax(self.logits.to(first.device).index_select(0, idx), dim=0)
-        values = torch.stack([v.float() for v in losses.values()])
-        shifted = self._shifted(values, self.min_loss.to(first.device).index_select(0, idx))
-        c = (z / shifted.detach()).sum()
+    def forward(self, losses: TaskLosses, context: StepContext | None = None) -> Balanced:
+        values, present = losses.vector, losses.present
+        logits = self.logits.to(values.device).float()
+        z = torch.softmax(logits.masked_fill(~present, float("-inf")), dim=0)  # over the present tasks
+        z = torch.where(present, z, 0.0)  # and 0 (not NaN) when no task is present
+        shifted = self._shifted(values, self.min_loss.to(values.device).float())
+        c = (z / shifted.detach()).sum().clamp_min(torch.finfo(torch.float32).tiny)
         total = (z * torch.log(shifted)).sum() / c
         weights = z / (c * shifted.detach())
-        return Balanced(loss=total, weights={n: weights[i] for i, n in enumerate(losses)})
+        return Balanced(total, weights, task_names=losses.task_names, names=tuple(losses))
 
     @torch.no_grad()
     def after_step(self, before: Mapping[str, Tensor], after: Mapping[str, Tensor]) -> None:
-        prev, prev_present = self.reduce_per_task(before)  # collectives: every rank, every step
-        curr, curr_present = self.reduce_per_task(after)
+        before = TaskLosses.coerce(before, self.task_names)
+        after = TaskLosses.coerce(after, self.task_names)
+        prev, prev_present = self.reduce_per_task(before.vector, before.present)  # collectives: every step
+        curr, curr_present = self.reduce_per_task(after.vector, after.present)
         device = self.logits.device
         mask = (prev_present & curr_present).to(device)
         delta = torch.log(self._shifted(prev.to(device), self.min_loss)) - torch.log(

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import ClassVar
 
 import torch
-from torch import Tensor
 
-from lightning_mtl.balancing.base import Balanced, Balancer, StepContext, register_balancer
+from lightning_mtl.balancing.base import Balanced, Balancer, StepContext, TaskLosses, register_balancer
 
 
 @register_balancer("gls")
@@ -34,9 +32,9 @@ class GeometricLossStrategy(Balancer):
 
     stateful: ClassVar[bool] = False
 
-    def forward(self, losses: Mapping[str, Tensor], context: StepContext | None = None) -> Balanced:
-        values = torch.stack([v.float() for v in losses.values()])
-        positive = values > 0
+    def forward(self, losses: TaskLosses, context: StepContext | None = None) -> Balanced:
+        values = losses.vector
+        positive = (values > 0) & losses.present
         count = positive.sum().clamp_min(1)
         # log of 1 where the loss is not positive: no -inf and no NaN gradient through the unused branch.
         logs = torch.log(torch.where(positive, values, torch.ones_like(values)))
@@ -44,4 +42,4 @@ class GeometricLossStrategy(Balancer):
         implied = torch.where(
             positive, total.detach() / (count * torch.where(positive, values, torch.ones_like(values))), 0.0
         ).detach()
-        return Balanced(loss=total, weights={n: implied[i] for i, n in enumerate(losses)})
+        return Balanced(total, implied, task_names=losses.task_names, names=tuple(losses))

@@ -127,10 +127,16 @@ class GradientBalancer(Balancer):
         return dict(losses)
 
     def forward(self, losses: Mapping[str, Tensor], context: StepContext | None = None) -> Balanced:
-        raise RuntimeError(
-            f"{type(self).__name__} aggregates gradients; MultiTaskModule runs it through jacobian_step(), "
-            "it cannot be called on losses alone."
-        )
+        """Run the Jacobian step: per-task gradients, aggregation, and a surrogate loss whose gradient is the
+        aggregated direction (see the module docstring)."""
+        if context is None:
+            raise ValueError(
+                f"{type(self).__name__} aggregates per-task gradients and needs the step's StepContext (backbone, "
+                "features, loss scale, task parameters); MultiTaskModule passes one."
+            )
+        out = jacobian_step(self, losses, context, context.task_parameters, retain_graph=context.retain_graph)
+        objective = torch.stack([v.detach().float() for v in losses.values()]).sum()
+        return Balanced(out.loss, out.weights, task_names=self.task_names, objective=objective)
 
     # --- helpers ---------------------------------------------------------------------------------------
     @staticmethod

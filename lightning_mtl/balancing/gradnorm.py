@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from lightning_mtl.balancing.base import Balanced, Balancer, StepContext, register_balancer
+from lightning_mtl.balancing.base import Balanced, Balancer, StepContext, TaskLosses, register_balancer
 
 if TYPE_CHECKING:
     from lightning_mtl.tasks import Task
@@ -86,7 +86,7 @@ class GradNorm(Balancer):
             )
         return params
 
-    def forward(self, losses: Mapping[str, Tensor], context: StepContext | None = None) -> Balanced:
+    def forward(self, losses: TaskLosses, context: StepContext | None = None) -> Balanced:
         if context is None:
             raise ValueError(
                 "GradNorm needs a StepContext (features, backbone, loss scale) to measure gradient norms; "
@@ -94,8 +94,10 @@ class GradNorm(Balancer):
             )
         k = len(self.task_names)
         with torch.no_grad():
-            self.weights.clamp_(min=self.weight_floor)
-            self.weights.mul_(k / self.weights.sum())
+            # Renormalise through .data: under FSDP the parameter is a view of a flat parameter, which
+            # autograd forbids modifying in place.
+            floored = self.weights.data.float().clamp_min(self.weight_floor)
+            self.weights.data.copy_(floored * (k / floored.sum()))
 
         inputs, scale = self._inputs(context), context.loss_scale
         norms: dict[str, Tensor] = {}
@@ -103,8 +105,10 @@ class GradNorm(Balancer):
             grads = torch.autograd.grad(loss * scale, inputs, retain_graph=True, allow_unused=True)
             squares = [(g.float() / scale).pow(2).sum() for g in grads if g is not None]
             norms[name] = torch.stack(squares).sum().sqrt() if squares else scale.new_zeros(())
-        grad_norm, present = self.reduce_per_task(norms)  # collectives: every rank, every step
-        loss_mean, _ = self.reduce_per_task({n: v.detach() for n, v in losses.items()})
+        present = losses.present
+        norm_vector = TaskLosses(norms, losses.task_names).vector
+        grad_norm, present = self.reduce_per_task(norm_vector, present)  # collectives: every rank, every step
+        loss_mean, _ = self.reduce_per_task(losses.vector.detach(), losses.present)
         device = self.weights.device
         grad_norm, present, loss_mean = grad_norm.to(device), present.to(device), loss_mean.to(device)
 
@@ -124,9 +128,6 @@ class GradNorm(Balancer):
         target = (mean_norm * relative.pow(self.alpha)).detach()
         grad_loss = torch.where(present, (weighted - target).abs(), 0.0).sum()
 
-        first = next(iter(losses.values()))
-        idx = self.index(losses).to(first.device)
-        w = self.weights.to(first.device).index_select(0, idx)
-        values = torch.stack([v.float() for v in losses.values()])
-        total = (w.detach() * values).sum() + grad_loss.to(first.device)
-        return Balanced(loss=total, weights={n: w[i].detach() for i, n in enumerate(losses)})
+        w = self.weights.to(losses.vector.device).float()
+        total = (w.detach() * losses.vector).sum() + grad_loss.to(losses.vector.device)
+        return Balanced(total, w.detach() * losses.present, task_names=losses.task_names, names=tuple(losses))

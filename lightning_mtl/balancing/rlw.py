@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 import torch
-from torch import Tensor
 
-from lightning_mtl.balancing.base import Balanced, Balancer, StepContext, register_balancer
+from lightning_mtl.balancing.base import Balanced, Balancer, StepContext, TaskLosses, register_balancer
 
 
 @register_balancer("rlw")
@@ -37,11 +34,8 @@ class RandomLossWeighting(Balancer):
     def __init__(self, seed: int = 0) -> None:
         super().__init__(seed=seed)
 
-    def forward(self, losses: Mapping[str, Tensor], context: StepContext | None = None) -> Balanced:
-        first = next(iter(losses.values()))
-        device = first.device
-        draw = torch.randn(len(self.task_names), generator=self.generator(device), device=device)
-        idx = self.index(losses).to(device)
-        weights = torch.softmax(draw, dim=0).index_select(0, idx)
-        total = (weights * torch.stack([v.float() for v in losses.values()])).sum()
-        return Balanced(loss=total, weights={n: weights[i] for i, n in enumerate(losses)})
+    def forward(self, losses: TaskLosses, context: StepContext | None = None) -> Balanced:
+        device = losses.vector.device
+        draw = torch.randn(len(losses.task_names), generator=self.generator(device), device=device)
+        weights = torch.softmax(draw, dim=0) * losses.present
+        return self.weighted_sum(losses, weights)

@@ -5,9 +5,10 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
+import torch
 from torch import Tensor
 
-from lightning_mtl.balancing.base import Balanced, Balancer, StepContext, register_balancer
+from lightning_mtl.balancing.base import Balanced, Balancer, StepContext, TaskLosses, register_balancer
 
 if TYPE_CHECKING:
     from lightning_mtl.tasks import Task
@@ -27,11 +28,13 @@ class StaticWeighting(Balancer):
 
     uses_task_weights: ClassVar[bool] = True
     stateful: ClassVar[bool] = False
+    weight_vector: Tensor
 
     def __init__(self, weights: Mapping[str, float] | None = None) -> None:
         super().__init__()
         self.weights: dict[str, float] = {k: float(v) for k, v in (weights or {}).items()}
         self._explicit = weights is not None
+        self.register_buffer("weight_vector", torch.ones(0), persistent=False)
 
     def setup(self, tasks: Sequence[Task]) -> None:
         super().setup(tasks)
@@ -54,9 +57,16 @@ class StaticWeighting(Balancer):
                 raise ValueError(f"StaticWeighting weights must be >= 0, got {self.weights}.")
         else:
             self.weights = {t.name: float(t.weight) for t in tasks}
+        self.weight_vector = torch.tensor(
+            [self.weights[n] for n in self.task_names], device=self.weight_vector.device
+        )
 
-    def forward(self, losses: Mapping[str, Tensor], context: StepContext | None = None) -> Balanced:
-        return self.weighted_sum(losses, self.weights)
+    def forward(self, losses: TaskLosses, context: StepContext | None = None) -> Balanced:
+        if not self.task_names:  # called on a plain dict without setup: its tasks, fixed weights
+            self.weights = {n: self.weights.get(n, 1.0) for n in losses.task_names}
+            self.task_names = list(losses.task_names)
+            self.weight_vector = torch.tensor(list(self.weights.values()), device=losses.vector.device)
+        return self.weighted_sum(losses, self.weight_vector)
 
     def config(self) -> dict[str, Any]:
         return {"weights": dict(self.weights)} if self._explicit else {}

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
-from lightning_mtl.balancing.base import Balanced, Balancer, StepContext, register_balancer
+from lightning_mtl.balancing.base import Balanced, Balancer, StepContext, TaskLosses, register_balancer
 
 if TYPE_CHECKING:
     from lightning_mtl.tasks import Task
@@ -43,11 +43,9 @@ class UncertaintyWeighting(Balancer):
         super().setup(tasks)
         self.log_vars = nn.Parameter(torch.zeros(len(self.task_names), device=self.calls.device))
 
-    def forward(self, losses: Mapping[str, Tensor], context: StepContext | None = None) -> Balanced:
-        first = next(iter(losses.values()))
-        idx = self.index(losses).to(first.device)
-        s = self.log_vars.index_select(0, idx)
-        values = torch.stack([v.float() for v in losses.values()])
+    def forward(self, losses: TaskLosses, context: StepContext | None = None) -> Balanced:
+        s = self.log_vars.to(losses.vector.device)
         weights = 0.5 * torch.exp(-s)
-        total = (weights * values + 0.5 * s).sum()
-        return Balanced(loss=total, weights={n: weights[i].detach() for i, n in enumerate(losses)})
+        # Tasks without a label in this step add nothing (not even their 0.5 s_t regulariser).
+        total = torch.where(losses.present, weights * losses.vector + 0.5 * s, 0.0).sum()
+        return Balanced(total, weights.detach(), task_names=losses.task_names, names=tuple(losses))

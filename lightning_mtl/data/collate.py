@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from lightning_mtl.kinds import IGNORE_INDEX
 from lightning_mtl.tasks import Task
 
 PAD_ZERO_KEYS = ("attention_mask", "token_type_ids", "special_tokens_mask")
@@ -62,42 +60,7 @@ class MultiTaskCollator:
 
     def _targets(self, task: Task, values: list[Any], width: int) -> Tensor:
         """Stack one task's labels; ``width`` is the padded ``input_ids`` length (token labels match it)."""
-        kind = task.kind_obj
-        dtype = kind.target_dtype
-        missing: float = math.nan if dtype.is_floating_point else IGNORE_INDEX
-        if task.kind == "token":
-            seqs = [
-                torch.full((max(width, 1),), IGNORE_INDEX)
-                if v is None
-                else _as_tensor(v, task.target_key).long()
-                for v in values
-            ]
-            return _pad(seqs, IGNORE_INDEX, min_length=width)
-        present = [v for v in values if not _is_missing(v)]
-        if not present:
-            shape: tuple[int, ...] = (len(values),)
-            if task.kind == "multilabel" or (task.kind == "regression" and task.out_features > 1):
-                shape = (len(values), task.out_features)
-            return torch.full(shape, missing, dtype=dtype)
-        template = _as_tensor(present[0], task.target_key)
-        rows = []
-        for v in values:
-            if _is_missing(v):
-                rows.append(torch.full(template.shape, missing, dtype=dtype))
-            else:
-                t = _as_tensor(v, task.target_key)
-                if t.shape != template.shape:
-                    raise ValueError(
-                        f"Task {task.name!r}, key {task.target_key!r}: labels of different shapes {tuple(template.shape)} and {tuple(t.shape)} in one batch."
-                    )
-                if t.is_floating_point() and not dtype.is_floating_point:
-                    t = torch.where(torch.isnan(t), torch.full_like(t, IGNORE_INDEX), t)
-                rows.append(t.to(dtype))
-        return torch.stack(rows)
-
-
-def _is_missing(value: Any) -> bool:
-    return value is None or (isinstance(value, float) and math.isnan(value))
+        return task.kind_obj.collate(task, values, width)
 
 
 def _as_tensor(value: Any, key: str) -> Tensor:

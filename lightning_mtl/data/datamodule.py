@@ -172,7 +172,9 @@ class MultiTaskDataModule(L.LightningDataModule):
             for t in tasks
             if t.labels and t.target_key in ds.column_names
         }
-        token_tasks = [t for t in tasks if t.kind == "token" and t.target_key in ds.column_names]
+        token_tasks = [
+            t for t in tasks if t.kind_obj.label_level == "token" and t.target_key in ds.column_names
+        ]
         tok = self.tokenizer if self._tokenizer is not None else None
         text_key = self.text_key if self.text_key in ds.column_names else None
         if tok is None and not label_maps:

@@ -10,7 +10,7 @@ from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.classification import BinaryAccuracy, BinaryAUROC, BinaryF1Score
 
-from lightning_mtl.kinds.base import Masked, TaskKind, missing_mask, register_kind
+from lightning_mtl.kinds.base import Masked, Prepared, TaskKind, missing_mask, register_kind
 
 if TYPE_CHECKING:
     from lightning_mtl.tasks import Task
@@ -55,19 +55,30 @@ class Binary(TaskKind):
             )
         return outputs
 
-    def check(self, task: Task, outputs: Tensor, target: Tensor) -> None:
+    def check_shapes(self, task: Task, outputs: Tensor, target: Tensor) -> None:
+        self._flat(task, outputs)
         if target.dim() == 2 and target.shape[1] == 1:
             target = target[:, 0]
         if target.shape != (outputs.shape[0],):
             raise self._error(
                 task, f"expected shape [batch] = [{outputs.shape[0]}], got {tuple(target.shape)}."
             )
-        valid = target[~missing_mask(target)]
+
+    def check(self, task: Task, outputs: Tensor, target: Tensor) -> None:
+        self.check_shapes(task, outputs, target)
+        valid = target.reshape(-1)[~missing_mask(target.reshape(-1))]
         if valid.numel() and not bool(((valid == 0) | (valid == 1)).all()):
             raise self._error(
                 task,
                 f"binary targets must be 0 or 1 (NaN or -100 when missing), got values {valid.unique()[:5].tolist()}.",
             )
+
+    def prepare(self, task: Task, outputs: Tensor, target: Tensor) -> Prepared:
+        logits = self._flat(task, outputs)
+        target = target.reshape(-1)
+        labelled = ~missing_mask(target)
+        safe = torch.where(labelled, target, torch.zeros((), dtype=target.dtype, device=target.device))
+        return Prepared(logits, safe.to(logits.dtype), labelled)
 
     def mask(self, task: Task, outputs: Tensor, target: Tensor) -> Masked:
         logits = self._flat(task, outputs)
@@ -81,7 +92,7 @@ class Binary(TaskKind):
     def postprocess(self, task: Task, outputs: Tensor) -> Tensor:
         return torch.sigmoid(self._flat(task, outputs).float())
 
-    def describe(self, task: Task, probs: Tensor) -> list[dict[str, Any]]:
+    def describe(self, task: Task, probs: Tensor, lengths: list[int] | None = None) -> list[dict[str, Any]]:
         out = []
         for p in probs.tolist():
             positive = p >= task.threshold

@@ -11,7 +11,16 @@ from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
 
-from lightning_mtl.kinds.base import Masked, TaskKind, missing_mask, register_kind
+from lightning_mtl.kinds.base import (
+    IGNORE_INDEX,
+    Masked,
+    Prepared,
+    TaskKind,
+    TaskLoss,
+    missing_mask,
+    register_kind,
+)
+from lightning_mtl.kinds.multiclass import class_loss_terms
 
 if TYPE_CHECKING:
     from lightning_mtl.tasks import Task
@@ -31,6 +40,7 @@ class Dense(TaskKind):
 
     default_head: ClassVar[str] = "dense"
     feature_key: ClassVar[str] = "spatial"
+    label_level: ClassVar[str] = "pixel"
 
     def metric_presets(self, task: Task) -> dict[str, Callable[[], Metric]]:
         c = self.num_outputs(task)
@@ -39,7 +49,7 @@ class Dense(TaskKind):
             "miou": lambda: MulticlassJaccardIndex(num_classes=c, average="macro"),
         }
 
-    def check(self, task: Task, outputs: Tensor, target: Tensor) -> None:
+    def check_shapes(self, task: Task, outputs: Tensor, target: Tensor) -> None:
         if outputs.dim() != 4:
             raise ValueError(
                 f"Task {task.name!r}: a dense head must output [batch, C, h, w], got {tuple(outputs.shape)}."
@@ -49,12 +59,27 @@ class Dense(TaskKind):
                 task,
                 f"expected a class map of shape [batch, H, W] with batch={outputs.shape[0]}, got {tuple(target.shape)}.",
             )
+        self._check_class_dtype(task, target)
+
+    def check(self, task: Task, outputs: Tensor, target: Tensor) -> None:
+        self.check_shapes(task, outputs, target)
         self._check_class_range(task, target, outputs.shape[1])
 
     def _resize(self, outputs: Tensor, size: tuple[int, int]) -> Tensor:
         if tuple(outputs.shape[-2:]) != size:
             outputs = F.interpolate(outputs, size=size, mode="bilinear", align_corners=False)
         return outputs
+
+    def prepare(self, task: Task, outputs: Tensor, target: Tensor) -> Prepared:
+        outputs = self._resize(outputs, (int(target.shape[-2]), int(target.shape[-1])))
+        labelled = target != IGNORE_INDEX
+        return Prepared(outputs, torch.where(labelled, target, 0).long(), labelled)
+
+    def loss_terms(
+        self, task: Task, loss: TaskLoss, outputs: Tensor, target: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        outputs = self._resize(outputs, (int(target.shape[-2]), int(target.shape[-1])))
+        return class_loss_terms(self, task, loss, outputs, target)
 
     def mask(self, task: Task, outputs: Tensor, target: Tensor) -> Masked:
         outputs = self._resize(outputs, (int(target.shape[-2]), int(target.shape[-1])))
@@ -66,5 +91,5 @@ class Dense(TaskKind):
     def postprocess(self, task: Task, outputs: Tensor) -> Tensor:
         return torch.softmax(outputs.float(), dim=1)
 
-    def describe(self, task: Task, probs: Tensor) -> list[dict[str, Any]]:
+    def describe(self, task: Task, probs: Tensor, lengths: list[int] | None = None) -> list[dict[str, Any]]:
         return [{"mask": m.tolist()} for m in probs.argmax(dim=1)]

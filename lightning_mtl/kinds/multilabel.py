@@ -10,7 +10,7 @@ from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.classification import MultilabelAccuracy, MultilabelF1Score
 
-from lightning_mtl.kinds.base import IGNORE_INDEX, Masked, TaskKind, missing_mask, register_kind
+from lightning_mtl.kinds.base import IGNORE_INDEX, Masked, Prepared, TaskKind, missing_mask, register_kind
 
 if TYPE_CHECKING:
     from lightning_mtl.tasks import Task
@@ -39,15 +39,26 @@ class Multilabel(TaskKind):
             ),
         }
 
-    def check(self, task: Task, outputs: Tensor, target: Tensor) -> None:
+    def check_shapes(self, task: Task, outputs: Tensor, target: Tensor) -> None:
         if target.shape != outputs.shape:
             raise self._error(
                 task,
                 f"expected shape [batch, num_labels] = {list(outputs.shape)}, got {tuple(target.shape)}.",
             )
+
+    def check(self, task: Task, outputs: Tensor, target: Tensor) -> None:
+        self.check_shapes(task, outputs, target)
         valid = target[~missing_mask(target)]
         if valid.numel() and not bool(((valid == 0) | (valid == 1)).all()):
             raise self._error(task, "multilabel targets must be 0 or 1 (NaN or -100 when missing).")
+
+    def prepare(self, task: Task, outputs: Tensor, target: Tensor) -> Prepared:
+        labelled = ~missing_mask(target)
+        safe = torch.where(labelled, target, torch.zeros((), dtype=target.dtype, device=target.device))
+        return Prepared(outputs, safe.to(outputs.dtype), labelled)
+
+    def missing_shape(self, task: Task, n: int) -> tuple[int, ...]:
+        return (n, task.out_features)
 
     def mask(self, task: Task, outputs: Tensor, target: Tensor) -> Masked:
         missing = missing_mask(target)
@@ -64,7 +75,7 @@ class Multilabel(TaskKind):
     def postprocess(self, task: Task, outputs: Tensor) -> Tensor:
         return torch.sigmoid(outputs.float())
 
-    def describe(self, task: Task, probs: Tensor) -> list[dict[str, Any]]:
+    def describe(self, task: Task, probs: Tensor, lengths: list[int] | None = None) -> list[dict[str, Any]]:
         out = []
         for row in probs.tolist():
             out.append(

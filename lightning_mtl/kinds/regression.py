@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 from torchmetrics import MeanAbsoluteError, MeanSquaredError, Metric, R2Score
 
-from lightning_mtl.kinds.base import Masked, TaskKind, register_kind
+from lightning_mtl.kinds.base import Masked, Prepared, TaskKind, register_kind
 
 if TYPE_CHECKING:
     from lightning_mtl.tasks import Task
@@ -55,7 +55,7 @@ class Regression(TaskKind):
         outputs = outputs.reshape(outputs.shape[0], -1)
         return outputs, target.reshape(target.shape[0], -1) if target.dim() else target
 
-    def check(self, task: Task, outputs: Tensor, target: Tensor) -> None:
+    def check_shapes(self, task: Task, outputs: Tensor, target: Tensor) -> None:
         outputs, flat = self._shape(outputs, target)
         if target.dim() == 0 or flat.shape != outputs.shape:
             want = "[batch]" if outputs.shape[1] == 1 else f"[batch, {outputs.shape[1]}]"
@@ -66,11 +66,27 @@ class Regression(TaskKind):
             raise self._error(
                 task, f"regression targets must be floating point (NaN when missing), got {target.dtype}."
             )
+
+    def check(self, task: Task, outputs: Tensor, target: Tensor) -> None:
+        self.check_shapes(task, outputs, target)
         if task.target_transform == "log1p" and bool((target <= -1).any()):
             raise self._error(
                 task,
                 f"target_transform 'log1p' needs targets above -1, got minimum {float(target.nan_to_num(0).min())}.",
             )
+
+    def prepare(self, task: Task, outputs: Tensor, target: Tensor) -> Prepared:
+        outputs, target = self._shape(outputs, target)
+        labelled = ~torch.isnan(target)
+        safe = torch.where(
+            labelled, target, torch.zeros((), dtype=target.dtype, device=target.device)
+        ).float()
+        if task.target_transform is not None:
+            safe = self.target_transforms[task.target_transform][0](safe)
+        return Prepared(outputs, safe.to(outputs.dtype), labelled)
+
+    def missing_shape(self, task: Task, n: int) -> tuple[int, ...]:
+        return (n, task.out_features) if task.out_features > 1 else (n,)
 
     def mask(self, task: Task, outputs: Tensor, target: Tensor) -> Masked:
         outputs, target = self._shape(outputs, target)
@@ -94,7 +110,7 @@ class Regression(TaskKind):
         outputs = self._inverse(task, outputs.float().reshape(outputs.shape[0], -1))
         return outputs[:, 0] if outputs.shape[1] == 1 else outputs
 
-    def describe(self, task: Task, probs: Tensor) -> list[dict[str, Any]]:
+    def describe(self, task: Task, probs: Tensor, lengths: list[int] | None = None) -> list[dict[str, Any]]:
         if probs.dim() == 1:
             return [{"value": v} for v in probs.tolist()]
         names = task.labels or [str(i) for i in range(probs.shape[1])]

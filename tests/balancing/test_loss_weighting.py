@@ -252,7 +252,11 @@ def test_dwa_epoch_end_sums_over_ranks(monkeypatch):
 
 
 def _rlw_weights(balancer: Balancer, names=("a", "b", "c")) -> torch.Tensor:
+    """The weights of the balancer's current step (the call counts a step: it is set back after)."""
+    step = balancer.step_count
     out = balancer({n: torch.tensor(1.0) for n in names})
+    assert balancer.step_count == step + 1
+    balancer.set_step_count(step)
     return torch.stack([out.weights[n] for n in names])
 
 
@@ -274,7 +278,7 @@ def test_rlw_weights_are_a_seeded_softmax():
     resumed = built("rlw", seed=3)
     resumed.load_state_dict(first.state_dict())
     assert int(resumed.calls) == 1 and torch.equal(_rlw_weights(resumed), moved)
-    # The loss is the weighted sum.
+    # The loss is the weighted sum; tasks absent from the step weigh 0.
     out = first({"a": torch.tensor(2.0), "b": torch.tensor(3.0), "c": torch.tensor(5.0)})
     assert float(out.loss.detach()) == pytest.approx(float(moved @ torch.tensor([2.0, 3.0, 5.0])))
 

@@ -74,8 +74,11 @@ def test_all_missing_multi_output_regression_keeps_its_width():
     batch = MultiTaskCollator([task])([{"x": [1.0], "r": None}, {"x": [2.0]}])
     assert batch["r"].shape == (2, 2) and torch.isnan(batch["r"]).all()
     module = MultiTaskModule(MLPBackbone(1, hidden=(4,)), [task])
-    losses, _ = module.shared_step(batch, "train")  # a batch without labels for the task is masked out
-    assert losses == {}
+    losses, _ = module.shared_step(batch, "train")  # a batch without labels for the task is weighed out
+    assert float(losses["r"]) == 0.0
+    assert module.task_losses(losses).present.tolist() == [False]  # and the balancers see it as absent
+    losses["r"].backward()
+    assert all(float(p.grad.abs().sum()) == 0.0 for p in module.parameters() if p.grad is not None)
 
 
 def test_multi_output_regression_with_some_labels():

@@ -46,7 +46,7 @@ def test_module_loss_and_metrics():
     target = torch.tensor([5.0, 1.0])
     loss = module.compute_losses(outputs, {"stay": target}, "val")["stay"]
     assert loss.item() == pytest.approx(F.mse_loss(torch.tensor([1.0, 2.0]), torch.log1p(target)).item())
-    mae = module.metrics["val_stay"]["mae"].compute().item()
+    mae = module.units["stay"].collection("val")["mae"].compute().item()
     assert mae == pytest.approx(((torch.expm1(torch.tensor([1.0, 2.0])) - target).abs().mean()).item())
 
 
