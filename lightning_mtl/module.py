@@ -410,7 +410,8 @@ class MultiTaskModule(HubMixin, TransferMixin, L.LightningModule):
         trainer = self._trainer
         if trainer is None or not trainer.loggers or trainer.global_rank != 0:
             return
-        if self._train_batches % max(int(trainer.log_every_n_steps), 1) != 0 and not trainer.should_stop:
+        every = max(int(getattr(trainer, "log_every_n_steps", 50)), 1)
+        if self._train_batches % every != 0 and not trainer.should_stop:
             return
         names = list(losses.task_names)
         parts = [objective.float().reshape(1), losses.vector.detach(), balanced.vector.detach().float()]

@@ -100,7 +100,7 @@ class TaskLosses(Mapping[str, Tensor]):
     def _dense(self, values: Mapping[str, Tensor], dtype: torch.dtype) -> Tensor:
         first = next(iter(self._losses.values()))
         zero = first.new_zeros((), dtype=dtype)
-        rows = [values[n] if n in values else zero for n in self.task_names]
+        rows = [values.get(n, zero) for n in self.task_names]
         rows = [r if r.dtype == dtype else r.to(dtype) for r in rows]
         return torch.stack(rows)
 
