@@ -8,7 +8,7 @@ from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
-from torchmetrics import MeanMetric, MetricCollection
+from torchmetrics import Metric, MetricCollection
 
 from lightning_mtl.heads import create_head
 from lightning_mtl.kinds import TaskKind
@@ -46,7 +46,7 @@ class TaskUnit(nn.Module):
             self.loss_module = self.loss_fn.fn
         # Keyed "on_<stage>": a ModuleDict key may not shadow an nn.Module attribute such as ``train``.
         self.metrics = nn.ModuleDict({f"on_{stage}": task.build_metrics() for stage in STAGES})
-        self.loss_means = nn.ModuleDict({f"on_{stage}": MeanMetric() for stage in STAGES})
+        self.loss_means = nn.ModuleDict({f"on_{stage}": WeightedMean() for stage in STAGES})
 
     @property
     def name(self) -> str:
@@ -89,8 +89,8 @@ class TaskUnit(nn.Module):
     def collection(self, stage: str) -> MetricCollection:
         return cast(MetricCollection, self.metrics[f"on_{stage}"])
 
-    def loss_mean(self, stage: str) -> MeanMetric:
-        return cast(MeanMetric, self.loss_means[f"on_{stage}"])
+    def loss_mean(self, stage: str) -> WeightedMean:
+        return cast(WeightedMean, self.loss_means[f"on_{stage}"])
 
     def update_metrics(
         self, stage: str, outputs: Tensor, target: Tensor, loss: Tensor, count: Tensor
@@ -115,6 +115,35 @@ class TaskUnit(nn.Module):
 
     def extra_repr(self) -> str:
         return f"task={self.name!r}, kind={self.task.kind!r}"
+
+
+class WeightedMean(Metric):
+    """``sum(value * weight) / sum(weight)`` over updates, NaN when the weights sum to 0, reduced over DDP
+    ranks by torchmetrics. Unlike ``torchmetrics.MeanMetric`` its update reads nothing from the device (no
+    NaN check) and honours a weight of 0 (a batch without labels for the task).
+
+    Example:
+        >>> mean = WeightedMean()
+        >>> mean.update(torch.tensor(2.0), torch.tensor(3.0)); mean.update(torch.tensor(9.0), torch.tensor(0.0))
+        >>> mean.compute()
+        tensor(2.)
+    """
+
+    full_state_update = False
+    total: Tensor
+    weight: Tensor
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.add_state("total", default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("weight", default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, value: Tensor, weight: Tensor) -> None:
+        self.total += (value.double() * weight.double()).sum()
+        self.weight += weight.double().sum()
+
+    def compute(self) -> Tensor:
+        return (self.total / self.weight).float()
 
 
 def _safe_compute(metric: Any) -> Tensor:
