@@ -23,7 +23,7 @@ set -u
 OUT=${OUT:-/tmp/gpu_check_out}
 mkdir -p "$OUT"
 LOG=$OUT/log.txt
-T_STEP=${T_STEP:-150} T_COST=${T_COST:-210} T_FSDP=${T_FSDP:-120}  # seconds per part
+T_STEP=${T_STEP:-180} T_COST=${T_COST:-210} T_FSDP=${T_FSDP:-100}  # seconds per part (8.5 min at most)
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
 started=$(date +%s)
 
