@@ -193,6 +193,7 @@ class Windows(Callback):
         self.end = self.profile_start + steps
         self.marks: list[float] = []
         self.prof: profile | None = None
+        self.profiling = False
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         for opt in trainer.optimizers:  # mark the training closure inside optimizer.step
@@ -212,11 +213,13 @@ class Windows(Callback):
             activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.cuda else [])
             self.prof = profile(activities=activities, with_stack=self.with_stack)
             self.prof.start()
+            self.profiling = True
         elif step == self.end and self.prof is not None:
             with record_function(CLOSE):  # nothing from here on is counted
                 if self.cuda:  # let the window's kernels finish
                     torch.cuda.synchronize()
             self.prof.stop()
+            self.profiling = False
 
 
 def _mark_closure(optimizer: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -428,7 +431,11 @@ def measure(
             log_every_n_steps=log_every_n_steps,
             callbacks=[windows],
         )
-        trainer.fit(module, loader)
+        try:
+            trainer.fit(module, loader)
+        finally:
+            if windows.prof is not None and windows.profiling:  # a failed fit: free the profiler for the next
+                windows.prof.stop()
     if windows.prof is None or windows.count <= windows.end:
         raise RuntimeError(f"the fit stopped after {windows.count} of {total} steps")
     result = analyse(events_of(windows.prof), steps, sites)
@@ -442,7 +449,9 @@ def measure(
     return result
 
 
-def measure_safely(method: str, tasks: int, **kwargs: Any) -> dict[str, Any]:
+def measure_safely(
+    method: str | Callable[[Workload], L.LightningModule], tasks: int, **kwargs: Any
+) -> dict[str, Any]:
     try:
         return {"ok": True, **measure(method, tasks, **kwargs)}
     except Exception as err:  # reported as "failed: <reason>" in its row
