@@ -39,12 +39,15 @@ started=$(date +%s)
 } >"$LOG" 2>&1
 export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
 python3 - >>"$LOG" 2>&1 <<'EOF'
-import importlib, sys
+import importlib, importlib.metadata, sys
 print("python", sys.version.split()[0])
 for name in ("torch", "lightning", "torchmetrics", "transformers", "numpy", "scipy", "torchjd", "cvxpy", "lightning_mtl"):
     try:
         mod = importlib.import_module(name)
-        print(name, getattr(mod, "__version__", "?"), getattr(mod, "__file__", ""))
+        version = getattr(mod, "__version__", None)
+        if version is None:
+            version = importlib.metadata.version(name)
+        print(name, version, getattr(mod, "__file__", ""))
     except Exception as err:
         print(name, "IMPORT FAILED:", type(err).__name__, err)
 import torch
@@ -65,7 +68,7 @@ part() {  # part NAME TIMEOUT COMMAND...: stdout to $OUT/NAME.md, stderr to the 
   timeout -k 10 "$limit" "$@" >"$OUT/$name.md" 2>>"$LOG"
   rc=$?
   case $rc in
-    0) status=ok ;;
+    0) status=ok; grep -q '^skip' "$OUT/$name.md" && status="skipped (see $name.md)" ;;
     124 | 137) status="timed out after ${limit} s (partial output kept)" ;;
     *) status="failed (exit $rc)" ;;
   esac
@@ -79,6 +82,9 @@ part balancer_cost "$T_COST" python3 benchmarks/balancer_cost.py --device cuda -
 part fsdp_smoke "$T_FSDP" python3 benchmarks/fsdp_smoke.py --device cuda --json "$OUT/fsdp_smoke.json"
 
 {
+  echo "## environment (nvidia-smi and the install in log.txt)"
+  grep -E '^(python|torch|lightning|torchmetrics|torchjd|cvxpy|lightning_mtl|cuda|wheel|no .whl)' "$LOG" | cut -c1-160
+  echo
   echo "## step_overhead (T = 8, cuda)"
   sed -n '/^## T = /,$p' "$OUT/step_overhead.md"
   echo
