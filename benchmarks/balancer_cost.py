@@ -19,6 +19,15 @@ Commands::
     python benchmarks/balancer_cost.py --batched                      # + jacobian="batched" variants
 
 ``--compare`` needs ``torchjd`` (the dev extra) and ``pip install --no-deps libmtl==1.1.5``.
+
+On a GPU (``--device cuda``): models and data on the device, every measurement in this process (no RSS
+tricks; ``--subprocess`` for one process each), each step timed between two ``torch.cuda.synchronize()``
+(median of ``--steps``, default 20), memory = ``torch.cuda.max_memory_allocated()`` over the warm-up steps
+(after ``reset_peak_memory_stats()``) minus the memory allocated after setup. ``--workload gpu``: MLP
+1024->4096->4096->1024, batch 1024, ``Linear(1024, 10)`` heads, SGD, fp32. ``--modes params`` leaves out
+the ``features`` rows::
+
+    python benchmarks/balancer_cost.py --device cuda --workload gpu --compare --libraries ours,torchjd --modes params
 """
 
 from __future__ import annotations
@@ -43,6 +52,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 WIDTHS, CLASSES, BATCH, LR = (512, 1024, 1024, 512), 10, 256, 1e-3
+# name -> (MLP widths, batch): "default" is the CPU workload of the README's tables, "gpu" the H200 one.
+WORKLOADS: dict[str, tuple[tuple[int, ...], int]] = {
+    "default": (WIDTHS, BATCH),
+    "gpu": ((1024, 4096, 4096, 1024), 1024),
+}
 LOSS_TARGET, FEATURES_TARGET, FLOOR_TARGET = 1.05, 1.15, 1.10
 Row = dict[str, Any]  # {"job": {...}, "result": {...}}
 Step = Callable[[int], float]  # runs one step, returns the ms spent in the post-step hook (FAMO's re-forward)
@@ -89,16 +103,28 @@ class Workload:
     ys: list[Tensor]
 
 
-def build_workload(tasks: int, seed: int, batch: int = BATCH) -> Workload:
-    """The same seed gives every library the same initial weights and the same batch."""
+def build_workload(
+    tasks: int, seed: int, batch: int | None = None, workload: str = "default", device: str = "cpu"
+) -> Workload:
+    """The same seed gives every library the same initial weights and the same batch (made on the CPU, then
+    moved to ``device``)."""
+    widths, default_batch = WORKLOADS[workload]
+    batch = batch or default_batch
     torch.manual_seed(seed)
     layers: list[nn.Module] = []
-    for d_in, d_out in itertools.pairwise(WIDTHS):
+    for d_in, d_out in itertools.pairwise(widths):
         layers += [nn.Linear(d_in, d_out), nn.ReLU()]
-    heads = nn.ModuleList(nn.Linear(WIDTHS[-1], CLASSES) for _ in range(tasks))
-    x = torch.randn(batch, WIDTHS[0])
+    heads = nn.ModuleList(nn.Linear(widths[-1], CLASSES) for _ in range(tasks))
+    x = torch.randn(batch, widths[0])
     ys = [torch.randint(0, CLASSES, (batch,)) for _ in range(tasks)]
-    return Workload(nn.Sequential(*layers), heads, x, ys)
+    return Workload(
+        nn.Sequential(*layers).to(device), heads.to(device), x.to(device), [y.to(device) for y in ys]
+    )
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def setup_plain(w: Workload, job: dict[str, Any]) -> Step:
@@ -148,11 +174,17 @@ def setup_ours(w: Workload, job: dict[str, Any]) -> Step:
         Task(f"t{i}", kind="multiclass", labels=[str(c) for c in range(CLASSES)]) for i in range(job["T"])
     ]
     module = MultiTaskModule(
-        w.backbone, tasks, balancer=spec, feature_dim=WIDTHS[-1], check_inputs=False, train_metrics=False
-    )
+        w.backbone,
+        tasks,
+        balancer=spec,
+        feature_dim=cast(nn.Linear, w.heads[0]).in_features,
+        check_inputs=False,
+        train_metrics=False,
+    ).to(w.x.device)
     for i, head in enumerate(w.heads):
         cast(nn.Module, module.heads[f"t{i}"].proj).load_state_dict(head.state_dict())
     module.train()
+    post_step = module.balancer.needs_post_step_losses  # FAMO: its re-forward is timed on its own
     module.log = lambda *a, **k: None  # type: ignore[method-assign]  # no trainer attached
     batch = {"x": w.x, **{f"t{i}": y for i, y in enumerate(w.ys)}}
     opt = torch.optim.SGD(module.parameters(), lr=LR)
@@ -164,8 +196,12 @@ def setup_ours(w: Workload, job: dict[str, Any]) -> Step:
         opt.step()
         opt.zero_grad(set_to_none=True)
         module._stepped = True
+        if post_step:
+            _sync(w.x.device)
         start = time.perf_counter()
         module.on_train_batch_end(None, batch, i)
+        if post_step:
+            _sync(w.x.device)
         return (time.perf_counter() - start) * 1e3
 
     return step
@@ -220,7 +256,7 @@ def setup_libmtl(w: Workload, job: dict[str, Any]) -> Step:
 
     class Model(hps, getattr(weighting, cls_name)):  # type: ignore[misc,valid-type]  # as LibMTL's Trainer does
         def __init__(self) -> None:
-            super().__init__(names, lambda: w.backbone, decoders, job["rep_grad"], False, torch.device("cpu"))
+            super().__init__(names, lambda: w.backbone, decoders, job["rep_grad"], False, w.x.device)
             self.init_param()
 
         def zero_grad_share_params(self) -> None:  # patch: see LIBMTL_PATCHES
@@ -232,7 +268,7 @@ def setup_libmtl(w: Workload, job: dict[str, Any]) -> Step:
 
     def step(i: int) -> float:  # LibMTL's Trainer.train loop body
         preds = model(w.x)
-        losses = torch.zeros(len(names))
+        losses = torch.zeros(len(names), device=w.x.device)
         for tn, name in enumerate(names):
             losses[tn] = F.cross_entropy(preds[name], w.ys[tn])
         opt.zero_grad()
@@ -295,14 +331,18 @@ def measure(job: dict[str, Any], track_memory: bool = True) -> dict[str, Any]:
     set for timing, one more untimed step and ``steps`` timed ones (median step time)."""
     torch.set_num_threads(job["threads"])
     setup = SETUPS[job["method"] if job["library"] == "ref" else job["library"]]
-    # Two steps on a tiny batch first: the code pages and lazy state they touch are not step memory.
+    device, workload = job.get("device", "cpu"), job.get("workload", "default")
+    # Two steps on a tiny batch first: the code pages and lazy state they touch (on a GPU: the cuBLAS
+    # handles and workspaces) are not step memory.
     if track_memory:
-        prime = setup(build_workload(job["T"], job["seed"], batch=8), job)
+        prime = setup(build_workload(job["T"], job["seed"], 8, workload, device), job)
         for i in range(2):
             prime(i)
         del prime
-    step = setup(build_workload(job["T"], job["seed"]), job)
+    step = setup(build_workload(job["T"], job["seed"], None, workload, device), job)
     gc.collect()
+    if device != "cpu":
+        return _measure_device(job, step, track_memory)
     setup_mb = _status_mb("VmRSS")
     peak_reset = track_memory and _reset_peak()
     for i in range(job["warmup"]):
@@ -328,17 +368,51 @@ def measure(job: dict[str, Any], track_memory: bool = True) -> dict[str, Any]:
     }
 
 
+def _measure_device(job: dict[str, Any], step: Step, track_memory: bool) -> dict[str, Any]:
+    """``measure`` on a GPU: memory from the caching allocator's counters, each step timed between two
+    ``torch.cuda.synchronize()``."""
+    device = torch.device(job["device"])
+    torch.cuda.synchronize(device)
+    setup_mb = torch.cuda.memory_allocated(device) / 2**20
+    torch.cuda.reset_peak_memory_stats(device)
+    for i in range(job["warmup"]):
+        step(i)
+    torch.cuda.synchronize(device)
+    peak_mb = torch.cuda.max_memory_allocated(device) / 2**20 - setup_mb
+    step(job["warmup"])
+    times, post = [], []
+    for i in range(job["steps"]):
+        torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        post.append(step(job["warmup"] + 1 + i))
+        torch.cuda.synchronize(device)
+        times.append((time.perf_counter() - start) * 1e3)
+    return {
+        "ok": True,
+        "ms": statistics.median(times),
+        "times_ms": times,
+        "post_ms": statistics.median(post),
+        "peak_mb": max(peak_mb, 0.0) if track_memory else None,
+        "setup_mb": setup_mb,
+    }
+
+
 def measure_safely(job: dict[str, Any], track_memory: bool = True) -> dict[str, Any]:
     try:
         return measure(job, track_memory)
     except Exception as err:  # reported as "failed: <reason>" in its row
         return {"ok": False, "error": f"{type(err).__name__}: {err}".replace("\n", " ")[:300]}
+    finally:
+        if job.get("device", "cpu") != "cpu":  # in-process on a GPU: the next job starts from an empty cache
+            gc.collect()
+            torch.cuda.empty_cache()
 
 
 def run_job(job: dict[str, Any], in_process: bool, timeout: float) -> dict[str, Any]:
-    """One measurement in a fresh subprocess (or in this process: no memory figure); never raises."""
+    """One measurement in a fresh subprocess or in this process (no memory figure on CPU; the GPU's comes
+    from the allocator's counters either way); never raises."""
     if in_process:
-        return measure_safely(job, track_memory=False)
+        return measure_safely(job, track_memory=job.get("device", "cpu") != "cpu")
     threads = str(job["threads"])  # a low mmap threshold returns big freed buffers to the OS at once
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": threads}
     try:
@@ -370,6 +444,8 @@ def plan(args: argparse.Namespace, tasks: int) -> list[dict[str, Any]]:
         "warmup": args.warmup,
         "threads": args.threads,
         "seed": args.seed,
+        "device": args.device,
+        "workload": args.workload,
     }
     refs = [{**base, "library": "ref", "method": m, "mode": "", "family": "ref"} for m in ("plain", "floor")]
     ours: list[dict[str, Any]] = []
@@ -387,7 +463,8 @@ def plan(args: argparse.Namespace, tasks: int) -> list[dict[str, Any]]:
             if cls.family != "gradient":
                 ours.append(job)
                 continue
-            for mode in ("params", "features") if getattr(cls, "supports_features", True) else ("params",):
+            supported = ("params", "features") if getattr(cls, "supports_features", True) else ("params",)
+            for mode in (m for m in supported if m in args.modes):
                 ours += [
                     {**job, "mode": mode, "jacobian": j} for j in ("loop", "batched")[: 1 + args.batched]
                 ]
@@ -496,7 +573,26 @@ def main(argv: list[str] | None = None) -> list[Row]:
     parser.add_argument("--libraries", default=None, help="comma-separated: ours,torchjd,libmtl")
     parser.add_argument("--compare", action="store_true", help="same as --libraries ours,torchjd,libmtl")
     parser.add_argument("--batched", action="store_true", help='also jacobian="batched" (gradient methods)')
-    parser.add_argument("--steps", type=int, default=10, help="timed steps (the median is reported)")
+    parser.add_argument(
+        "--modes",
+        nargs="+",
+        choices=["params", "features"],
+        default=["params", "features"],
+        help="the modes of the gradient methods' rows",
+    )
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--workload", choices=sorted(WORKLOADS), default="default", help="gpu: the H200 MLP")
+    parser.add_argument(
+        "--subprocess",
+        action="store_true",
+        help="on cuda: one subprocess per measurement (default: in-process)",
+    )
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="timed steps, the median is reported (default: 10; on cuda 20)",
+    )
     parser.add_argument(
         "--warmup", type=int, default=3, help="untimed steps first, over which the peak memory is read (>= 1)"
     )
@@ -507,6 +603,11 @@ def main(argv: list[str] | None = None) -> list[Row]:
     parser.add_argument("--json", metavar="PATH", help="save the raw results")
     parser.add_argument("--worker", metavar="JOB", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    args.steps = args.steps or (20 if args.device == "cuda" else 10)
+    if args.device == "cuda":
+        if not torch.cuda.is_available():
+            parser.error("--device cuda: no CUDA device is visible")
+        args.in_process = args.in_process or not args.subprocess
     if args.warmup < 1 or args.steps < 1:
         parser.error(
             "--warmup and --steps must be at least 1 (the peak memory is read over the warm-up steps)"
@@ -516,20 +617,35 @@ def main(argv: list[str] | None = None) -> list[Row]:
         return []
     args.libraries = args.libraries or ("ours,torchjd,libmtl" if args.compare else "ours")
     versions = {"torch": str(torch.__version__)}
+    if args.device == "cuda":
+        versions["gpu"] = torch.cuda.get_device_name()
     for dist in ("torchjd", "libmtl"):
         if dist in args.libraries:
             try:
                 versions[dist] = importlib.metadata.version(dist)
             except importlib.metadata.PackageNotFoundError:
                 versions[dist] = "not installed"
+    widths, batch = WORKLOADS[args.workload]
+    memory = "peak CUDA allocated" if args.device == "cuda" else "peak RSS"
     print(
-        f"# Balancer cost: batch {BATCH}, MLP {'-'.join(map(str, WIDTHS))}, {args.threads} threads, "
-        f"{args.warmup} warm-up (memory) + 1 + {args.steps} timed steps (median), "
+        f"# Balancer cost: batch {batch}, MLP {'-'.join(map(str, widths))}, {args.device}, {args.threads} threads, "
+        f"{args.warmup} warm-up ({memory}) + 1 + {args.steps} timed steps (median), "
         + ", ".join(f"{k} {v}" for k, v in versions.items())
         + f", load average before: {os.getloadavg()[0]:.1f}\n"
     )
     rows: list[Row] = []
     checks: dict[str, dict[str, bool]] = {}
+
+    def save() -> None:  # after every T, so that a run cut short keeps what it measured
+        if args.json:
+            with open(args.json, "w") as f:
+                patches = LIBMTL_PATCHES if "libmtl" in args.libraries else []
+                json.dump(
+                    {"args": vars(args), "versions": versions, "libmtl_patches": patches, "rows": rows},
+                    f,
+                    indent=1,
+                )
+
     for tasks in args.tasks:
         for job in plan(args, tasks):
             result = run_job(job, args.in_process, args.timeout)
@@ -541,6 +657,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
         for name, met in found.items():
             checks.setdefault(name, {}).update(met)
         print(f"## T = {tasks}\n\n{table}\n", flush=True)
+        save()
     print("## Targets\n")
     for name, met in checks.items():
         missed = [row for row, ok in met.items() if not ok]
@@ -554,14 +671,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
             + "\n".join(f"- {p}" for p in LIBMTL_PATCHES)
         )
     print(f"\nload average after: {os.getloadavg()[0]:.1f}")
-    if args.json:
-        with open(args.json, "w") as f:
-            patches = LIBMTL_PATCHES if "libmtl" in args.libraries else []
-            json.dump(
-                {"args": vars(args), "versions": versions, "libmtl_patches": patches, "rows": rows},
-                f,
-                indent=1,
-            )
+    save()
     return rows
 
 
