@@ -395,7 +395,7 @@ def measure(
     *,
     device: str = "cpu",
     steps: int = LOG_EVERY,
-    warmup: int = 5,
+    warmup: int = 12,
     mode: str | None = None,
     train_metrics: bool | None = None,
     widths: Sequence[int] = WIDTHS,
@@ -559,7 +559,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument(
         "--steps", type=int, default=LOG_EVERY, help="steps per window (default log_every_n_steps)"
     )
-    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=12)  # past the 10 batches check_inputs reads
     parser.add_argument("--log-every-n-steps", type=int, default=LOG_EVERY)
     parser.add_argument("--widths", type=int, nargs="+", default=list(WIDTHS), help="MLP widths, input first")
     parser.add_argument("--batch", type=int, default=BATCH)
