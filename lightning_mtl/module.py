@@ -133,6 +133,7 @@ class MultiTaskModule(HubMixin, TransferMixin, L.LightningModule):
         self.train_metrics_every = int(train_metrics_every)
         self._checks_left = dict.fromkeys(STAGES, self.check_batches)
         self._checking = False
+        self._metrics_due = True  # training_step sets it: every train_metrics_every-th batch
         self._metrics_now = True
         self._step_features: list[Tensor] = []
         self._step_counts: dict[str, Tensor] = {}
@@ -338,6 +339,7 @@ class MultiTaskModule(HubMixin, TransferMixin, L.LightningModule):
         extras: dict[str, Tensor] = {}
         self._step_features = []
         self._step_counts = {}
+        self._metrics_now = stage != "train" or (self.train_metrics and self._metrics_due)
         self._checking = self._checks_left.get(stage, 0) > 0
         if self._checking:
             self._checks_left[stage] -= 1
@@ -361,7 +363,7 @@ class MultiTaskModule(HubMixin, TransferMixin, L.LightningModule):
     # --- Lightning hooks --------------------------------------------------------------------------
     @override
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        self._metrics_now = self.train_metrics and batch_idx % self.train_metrics_every == 0
+        self._metrics_due = batch_idx % self.train_metrics_every == 0
         raw, extras = self.shared_step(batch, "train")
         if not raw:
             raise ValueError(
@@ -478,12 +480,10 @@ class MultiTaskModule(HubMixin, TransferMixin, L.LightningModule):
 
     @override
     def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._metrics_now = True
         self.shared_step(batch, "val")
 
     @override
     def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._metrics_now = True
         self.shared_step(batch, "test")
 
     @override
