@@ -1,9 +1,11 @@
 """FSDP smoke test: every registered balancer x precision trains a few steps through Lightning's ``FSDPStrategy``.
 
 Each cell fits a small ``MultiTaskModule`` (MLP backbone, ``--tasks`` multiclass tasks, the balancer with its
-defaults) for ``--steps`` steps with ``Trainer(accelerator="cuda", devices=1,
-strategy=FSDPStrategy(auto_wrap_policy={nn.Linear}), precision=...)`` and prints one line: ``ok`` with the
-last logged loss, or the exception's first line. A failing cell does not stop the others; a table of all
+defaults, or in each of ``--modes``) for ``--steps`` steps with ``Trainer(accelerator="cuda", devices=1,
+strategy=FSDPStrategy(auto_wrap_policy={nn.Linear}), precision=...)``, then the same module, seed and batches
+without FSDP (in ``32-true``), and prints one line: ``ok`` with the last logged loss and the largest parameter difference
+between the two runs relative to the parameters' size (``Δ``; FSDP must train the same model), or the
+exception's first line. A failing cell does not stop the others; a table of all
 cells comes last. Lightning refuses FSDP without a GPU, so ``--device cpu`` only prints that and exits.
 
 Commands::
@@ -31,11 +33,11 @@ from torch import nn
 CLASSES = 5
 
 
-def trainer(device: str, precision: str, steps: int) -> L.Trainer:
+def trainer(device: str, precision: str, steps: int, fsdp: bool = True) -> L.Trainer:
     return L.Trainer(
         accelerator=device,
         devices=1,
-        strategy=FSDPStrategy(auto_wrap_policy={nn.Linear}),
+        strategy=FSDPStrategy(auto_wrap_policy={nn.Linear}) if fsdp else "auto",
         precision=precision,  # type: ignore[arg-type]
         max_steps=steps,
         logger=False,
@@ -45,35 +47,49 @@ def trainer(device: str, precision: str, steps: int) -> L.Trainer:
     )
 
 
-def run_cell(method: str, precision: str, tasks: int, steps: int, device: str = "cuda") -> str:
-    """Fit one cell; ``"ok (loss ...)"`` or the exception's first line. Never raises."""
+def run_cell(
+    method: str, precision: str, tasks: int, steps: int, device: str = "cuda", mode: str | None = None
+) -> str:
+    """Fit one cell with FSDP and without; ``"ok (loss ..., Δ ...)"`` or the exception's first line. Never
+    raises."""
     from lightning_mtl import MultiTaskModule, Task
 
-    try:
+    names = [f"t{i}" for i in range(tasks)]
+    g = torch.Generator().manual_seed(0)
+    batches = [
+        {
+            "x": torch.randn(32, 16, generator=g),
+            **{n: torch.randint(0, CLASSES, (32,), generator=g) for n in names},
+        }
+        for _ in range(steps)
+    ]
+
+    def fitted(fsdp: bool) -> tuple[L.Trainer, torch.Tensor]:
         torch.manual_seed(0)
-        names = [f"t{i}" for i in range(tasks)]
         module = MultiTaskModule(
             nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU()),
             [Task(n, kind="multiclass", labels=[str(c) for c in range(CLASSES)]) for n in names],
-            balancer=method,
+            balancer={"name": method, **({"mode": mode} if mode else {})},
             feature_dim=32,
+            lr=1e-2,
         )
-        g = torch.Generator().manual_seed(0)
-        batches = [
-            {
-                "x": torch.randn(32, 16, generator=g),
-                **{n: torch.randint(0, CLASSES, (32,), generator=g) for n in names},
-            }
-            for _ in range(steps)
-        ]
-        fit = trainer(device, precision, steps)
+        fit = trainer(device, precision, steps, fsdp)
         fit.fit(module, torch.utils.data.DataLoader(batches, batch_size=None))  # type: ignore[arg-type]
+        flat = torch.cat([p.detach().float().flatten().cpu() for p in module.parameters()])
+        return fit, flat
+
+    try:
+        fit, sharded = fitted(True)
         loss = fit.callback_metrics.get("train/loss")
         if fit.global_step != steps:
             return f"failed: stopped after {fit.global_step} of {steps} steps"
         if loss is None or not math.isfinite(float(loss)):
             return f"failed: the logged train/loss is {loss}"
-        return f"ok (loss {float(loss):.3f})"
+        if precision != "32-true":  # compared with the unsharded run in full precision only
+            return f"ok (loss {float(loss):.3f})"
+        _, plain = fitted(False)
+        delta = float((sharded - plain).abs().max() / plain.abs().max().clamp_min(1e-12))
+        return f"ok (loss {float(loss):.3f}, Δ {delta:.1e})"
     except Exception as err:  # one line per cell, whatever failed
         lines = str(err).strip().splitlines()
         return f"{type(err).__name__}: {lines[0] if lines else ''}"[:200]
@@ -86,6 +102,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, str]]:
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     parser.add_argument("--methods", nargs="+", default=["*"], help="fnmatch patterns over the balancers")
     parser.add_argument("--precisions", nargs="+", default=["32-true", "bf16-mixed"])
+    parser.add_argument("--modes", nargs="+", choices=["params", "features"], help="gradient methods' modes")
     parser.add_argument("--tasks", type=int, default=3)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--json", metavar="PATH")
@@ -109,13 +126,20 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, str]]:
     print(
         f"# FSDP smoke: {len(methods)} balancers x {args.precisions}, {args.tasks} tasks, {args.steps} steps, {gpu}"
     )
+    from lightning_mtl.balancing import create_balancer
+
     cells: dict[str, dict[str, str]] = {}
     for method in methods:
-        for precision in args.precisions:
-            start = time.perf_counter()
-            shown = run_cell(method, precision, args.tasks, args.steps, args.device)
-            cells.setdefault(method, {})[precision] = shown
-            print(f"{method} {precision}: {shown} [{time.perf_counter() - start:.1f} s]", flush=True)
+        balancer = create_balancer(method)
+        supported = ("params", "features") if getattr(balancer, "supports_features", False) else ("params",)
+        modes = [m for m in (args.modes or []) if m in supported] if balancer.family == "gradient" else []
+        for mode in modes or [None]:
+            row = f"{method} ({mode})" if mode else method
+            for precision in args.precisions:
+                start = time.perf_counter()
+                shown = run_cell(method, precision, args.tasks, args.steps, args.device, mode)
+                cells.setdefault(row, {})[precision] = shown
+                print(f"{row} {precision}: {shown} [{time.perf_counter() - start:.1f} s]", flush=True)
     print("\n| balancer | " + " | ".join(args.precisions) + " |\n|---|" + "---|" * len(args.precisions))
     for method, row in cells.items():
         print(f"| {method} | " + " | ".join(row[p] for p in args.precisions) + " |")

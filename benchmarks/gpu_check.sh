@@ -23,7 +23,7 @@ set -u
 OUT=${OUT:-/tmp/gpu_check_out}
 mkdir -p "$OUT"
 LOG=$OUT/log.txt
-T_STEP=${T_STEP:-180} T_COST=${T_COST:-210} T_FSDP=${T_FSDP:-100}  # seconds per part (8.5 min at most)
+T_STEP=${T_STEP:-150} T_COST=${T_COST:-200} T_FSDP=${T_FSDP:-150}  # seconds per part (8.5 min at most)
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
 started=$(date +%s)
 
@@ -75,11 +75,12 @@ part() {  # part NAME TIMEOUT COMMAND...: stdout to $OUT/NAME.md, stderr to the 
   SUMMARY+=("| $name | $status | $(($(date +%s) - t0)) s | $name.md, $name.json |")
 }
 
-part step_overhead "$T_STEP" python3 benchmarks/step_overhead.py --device cuda --tasks 8 --warmup 3 \
-  --json "$OUT/step_overhead.json"
+part step_overhead "$T_STEP" python3 benchmarks/step_overhead.py --device cuda --tasks 8 --warmup 12 \
+  --train-metrics off --json "$OUT/step_overhead.json"
 part balancer_cost "$T_COST" python3 benchmarks/balancer_cost.py --device cuda --workload gpu --compare \
   --libraries ours,torchjd --modes params --tasks 2 8 32 --steps 15 --warmup 2 --json "$OUT/balancer_cost.json"
-part fsdp_smoke "$T_FSDP" python3 benchmarks/fsdp_smoke.py --device cuda --json "$OUT/fsdp_smoke.json"
+part fsdp_smoke "$T_FSDP" python3 benchmarks/fsdp_smoke.py --device cuda --modes params features \
+  --json "$OUT/fsdp_smoke.json"
 
 {
   echo "## environment (nvidia-smi and the install in log.txt)"
