@@ -3,7 +3,9 @@
 Almost every aggregator returns a linear combination ``d = w @ J`` of the task gradients (the rows of
 the Jacobian ``J``), with weights ``w`` that depend only on the Gram matrix ``G = J @ J.T``. Those
 methods implement :meth:`GradientBalancer.weights_from_gram` on a tiny ``T x T`` matrix and never see
-the ``T x P`` Jacobian; the rest (GradDrop, DB-MTL) override :meth:`GradientBalancer.aggregate`.
+the ``T x P`` Jacobian; the rest (GradDrop, DB-MTL) override :meth:`GradientBalancer.aggregate`. Both
+take every task (zero rows for those without a loss) and a boolean ``present`` mask on the device, so
+the step never reads back which tasks are present.
 
 How a step runs (:func:`jacobian_step`, called by :class:`~lightning_mtl.MultiTaskModule`):
 

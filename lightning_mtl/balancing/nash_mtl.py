@@ -38,7 +38,7 @@ class NashMTL(GradientBalancer):
     (positivity kept), from the better of the previous step's ``alpha`` (kept in the ``alpha`` buffer, so it
     is checkpointed) and ``1 / |g_i|``, both rescaled to the optimal multiple. It reaches machine precision
     in 8 or fewer steps on random Jacobians with up to 32 tasks, where the official code solves up to 20
-    convex programs with cvxpy. Zero gradients get weight 0. When no solution exists (some non-negative
+    convex programs with cvxpy. Zero gradients get weight 0, absent tasks too (their warm start is kept). When no solution exists (some non-negative
     combination of the gradients is 0: a Pareto-stationary point) ``alpha`` grows without bound and the
     clipped direction is that of the last iterate.
 
