@@ -12,7 +12,9 @@ from lightning_mtl.balancing._solvers import (
     check_preferences,
     match_preferences,
     normalized_gram,
+    preference_tensor,
     preferences,
+    presence,
 )
 from lightning_mtl.balancing.base import register_balancer
 from lightning_mtl.balancing.gradient import GradientBalancer
@@ -33,10 +35,13 @@ class AlignedMTL(GradientBalancer):
     eigenvalues above ``max(lambda) * T * eps`` (rank-deficient Grams drop the rest; ``G = 0`` gives
     ``B = I``), ``B = sqrt(s) V_r diag(lambda_r^-1/2) V_r^T`` and ``s`` the smallest (``"min"``), median
     (``"median"``, the lower one) or mean (``"rmse"``, the original code) kept eigenvalue. A closed form:
-    one ``T x T`` eigendecomposition (``torch.linalg.eigh``, which synchronises with the host on CUDA).
+    one ``T x T`` eigendecomposition. ``torch.linalg.eigh`` checks its result on the host: the one
+    synchronisation of any gradient method's step (there is no ``eigh_ex``). Absent tasks take no part
+    (weight 0; their zero eigenvalues are never kept).
 
     Args:
-        pref_vector: ``{task: u_t}`` for every task; default ``u = 1/T`` over the tasks of the step.
+        pref_vector: ``{task: u_t}`` for every task (the absent tasks' are ignored); default ``u = 1/K`` over
+            the ``K`` tasks present in the step.
         scale_mode: ``"min"`` (default), ``"median"`` or ``"rmse"``.
         mode, update_every, jacobian, memory_budget_mb, seed: see
             :class:`~lightning_mtl.balancing.gradient.GradientBalancer`.
@@ -44,9 +49,11 @@ class AlignedMTL(GradientBalancer):
     Example:
         >>> import torch
         >>> gram = torch.tensor([[4.0, 0.0], [0.0, 1.0]], dtype=torch.float64)  # |g_a| = 2, |g_b| = 1
-        >>> AlignedMTL().weights_from_gram(gram, ["a", "b"])  # both rescaled to the smaller norm
+        >>> AlignedMTL().weights_from_gram(gram)  # both rescaled to the smaller norm
         tensor([0.2500, 0.5000], dtype=torch.float64)
     """
+
+    pref: Tensor | None  # pref_vector in task order (a buffer set by setup; None: 1/K each)
 
     def __init__(
         self,
@@ -62,24 +69,27 @@ class AlignedMTL(GradientBalancer):
         if scale_mode not in SCALE_MODES:
             raise ValueError(f"AlignedMTL: scale_mode must be one of {SCALE_MODES}, got {scale_mode!r}.")
         self.pref_vector = check_preferences(type(self).__name__, pref_vector, nonneg=False)
+        self.register_buffer("pref", None, persistent=False)
         self.scale_mode = scale_mode
 
     def setup(self, tasks: Sequence[Task]) -> None:  # type: ignore[override]
         super().setup(tasks)
         match_preferences(type(self).__name__, self.pref_vector, self.task_names)
+        pref = preference_tensor(self.pref_vector, self.task_names)
+        self.pref = None if pref is None else pref.to(self.calls.device)
 
-    def weights_from_gram(self, gram: Tensor, names: Sequence[str]) -> Tensor:
-        gn, _, finite = normalized_gram(gram)
+    def weights_from_gram(self, gram: Tensor, present: Tensor | None = None) -> Tensor:
+        present = presence(present, gram)
+        gn, _, finite = normalized_gram(gram, present)
         n = gn.shape[0]
-        lam, vec = torch.linalg.eigh(gn)  # ascending
-        # TorchJD's rank threshold, with the machine epsilon of the Gram as given (a float32 Gram's
-        # rounding noise must not count as rank).
+        lam, vec = torch.linalg.eigh(gn)  # ascending; its error check reads one value on the host
+        # TorchJD's rank threshold over the K present tasks, with the machine epsilon of the Gram as given (a
+        # float32 Gram's rounding noise must not count as rank). Absent tasks add zero eigenvalues, never kept.
         eps = torch.finfo(gram.dtype if gram.is_floating_point() else gn.dtype).eps
-        keep = lam > lam[-1] * n * eps
+        keep = lam > lam[-1] * eps * present.sum()
         rank = keep.sum()
-        kept = torch.where(keep, lam, torch.inf)
         if self.scale_mode == "min":
-            scale = kept.min()
+            scale = torch.where(keep, lam, torch.inf).min()
         elif self.scale_mode == "median":  # the lower median of the kept (largest) eigenvalues
             position = (n - rank + (rank - 1).clamp_min(0) // 2).clamp_max(n - 1)
             scale = lam.index_select(0, position.view(1))[0]
@@ -89,5 +99,5 @@ class AlignedMTL(GradientBalancer):
         balance = (vec * inv_sqrt) @ vec.T * torch.where(rank > 0, scale, 0).sqrt()
         eye = torch.eye(n, dtype=gn.dtype, device=gn.device)
         balance = torch.where(rank > 0, balance, eye)
-        weights = balance @ preferences(self.pref_vector, names, gn)
-        return torch.where(finite, weights, torch.full_like(weights, torch.nan))
+        weights = torch.where(present, balance @ preferences(self.pref, present, gn), 0.0)
+        return torch.where(finite, weights, torch.nan)

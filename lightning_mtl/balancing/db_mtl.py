@@ -20,7 +20,8 @@ class DBMTL(GradientBalancer):
     Lin, Jiang, Ye, Zhang, Chen, Chen, Liu, Tsang & Kwok, 2023, "Dual-Balancing for Multi-Task
     Learning" (arXiv:2308.12029). The gradients are those of ``log(L_t + eps)``; ``m_t`` is an EMA of
     them, updated as in the authors' LibMTL code: ``m_t <- g_t + beta / k_t**beta_sigma * (m_t - g_t)``,
-    with ``k_t`` the number of steps task ``t`` was present (a task absent from a step keeps ``m_t``).
+    with ``k_t`` the number of steps task ``t`` was present (a task absent from a step keeps ``m_t`` and
+    ``k_t``, and stays out of ``d``).
 
     ``m`` is a ``T x P`` buffer (so a resumed run continues exactly); ``P`` is known at the first step only,
     so it starts as ``T x 0`` and a checkpoint of any ``P`` loads into a fresh instance. Needs parameter
@@ -42,7 +43,7 @@ class DBMTL(GradientBalancer):
         >>> from lightning_mtl import Task
         >>> db = DBMTL()
         >>> db.setup([Task("a", kind="regression"), Task("b", kind="regression")])
-        >>> direction, _ = db.aggregate(torch.tensor([[3.0, 0.0], [0.0, 0.5]]), ["a", "b"])
+        >>> direction, _ = db.aggregate(torch.tensor([[3.0, 0.0], [0.0, 0.5]]))
         >>> direction  # m = 0.1 g after one step; both rescaled to the larger norm, 0.3
         tensor([0.3000, 0.3000])
         >>> db.grad_ema
@@ -95,25 +96,24 @@ class DBMTL(GradientBalancer):
     def prepare_losses(self, losses: Mapping[str, Tensor]) -> dict[str, Tensor]:
         return {name: torch.log(loss.clamp_min(0.0) + self.eps) for name, loss in losses.items()}
 
-    def aggregate(self, jacobian: Tensor, names: Sequence[str]) -> tuple[Tensor, Tensor]:
+    def aggregate(self, jacobian: Tensor, present: Tensor | None = None) -> tuple[Tensor, Tensor]:
         if self.grad_ema.shape[1] != jacobian.shape[1]:  # first step, or the shared parameters changed
             self.grad_ema = jacobian.new_zeros(len(self.task_names), jacobian.shape[1])
             self.steps.zero_()
-        rows = self.index(names).to(jacobian.device)
-        self.steps[rows] += 1
-        rate = self.beta / self.steps[rows].to(jacobian.dtype) ** self.beta_sigma
-        if len(names) == len(self.task_names) and self.grad_ema.dtype == jacobian.dtype:
-            # every task present (rows in order): update the EMA in place, no T x P temporaries
-            ema = self.grad_ema.lerp_(jacobian, (1 - rate)[:, None])
-        else:
-            ema = jacobian + rate[:, None] * (self.grad_ema[rows].to(jacobian.dtype) - jacobian)
-            self.grad_ema[rows] = ema.to(self.grad_ema.dtype)
-        sq = torch.linalg.vector_norm(ema, dim=1) ** 2
-        floor = 1e-12 * sq.sum() / len(names) + torch.finfo(sq.dtype).tiny
+        if present is None:
+            present = torch.ones(jacobian.shape[0], dtype=torch.bool, device=jacobian.device)
+        mask = present.to(jacobian.dtype)
+        self.steps.add_(present.to(self.steps))
+        rate = self.beta / self.steps.clamp_min(1).to(jacobian.dtype) ** self.beta_sigma
+        # m <- g + rate (m - g) = lerp(m, g, 1 - rate) in place (no T x P temporary); weight 0 for an absent
+        # task leaves its row exactly as it was
+        ema = self.grad_ema.lerp_(jacobian.to(self.grad_ema.dtype), ((1 - rate) * mask)[:, None])
+        sq = torch.linalg.vector_norm(ema, dim=1).square() * mask
+        floor = 1e-12 * sq.sum() / mask.sum().clamp_min(1) + torch.finfo(sq.dtype).tiny
         norms = sq.clamp_min(floor).sqrt()
-        scale = torch.where(sq > floor, norms.max() / norms, 0.0)  # zero EMA rows stay out
-        direction = scale @ ema
-        return direction, self.implied_weights(jacobian, direction)
+        scale = torch.where(sq > floor, norms.max() / norms, 0.0)  # zero EMA rows and absent tasks stay out
+        direction = (scale.to(ema.dtype) @ ema).to(jacobian.dtype)
+        return direction, self.implied_weights(jacobian, direction) * mask
 
     def _load_from_state_dict(self, state_dict: Mapping[str, Any], prefix: str, *args: Any) -> None:
         saved = state_dict.get(prefix + "grad_ema")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 import torch
 from torch import Tensor
@@ -39,7 +39,7 @@ class GradDrop(GradientBalancer):
         >>> import torch
         >>> drop = GradDrop()
         >>> jac = torch.tensor([[1.0, -2.0, 3.0], [4.0, -5.0, -3.0]])
-        >>> direction, weights = drop.aggregate(jac, ["a", "b"])
+        >>> direction, weights = drop.aggregate(jac)
         >>> direction[:2]  # the first two coordinates agree in sign: kept whatever U
         tensor([ 5., -7.])
         >>> direction[2].abs()  # P = 0.5: one of the two signs survives (+3 or -3)
@@ -63,11 +63,15 @@ class GradDrop(GradientBalancer):
             raise ValueError(f"GradDrop: leak must be in [0, 1], got {leak!r}.")
         self.leak = {k: float(v) for k, v in leak.items()} if isinstance(leak, Mapping) else float(leak)
 
-    def aggregate(self, jacobian: Tensor, names: Sequence[str]) -> tuple[Tensor, Tensor]:
+    def aggregate(self, jacobian: Tensor, present: Tensor | None = None) -> tuple[Tensor, Tensor]:
         # M_t keeps g_t where its sign is the chosen one, so the kept sum is the sum of the positive parts
         # (sum |g| + sum g) / 2 where the positive sign is chosen (P > U), else of the negative parts
-        # (sum g - sum |g|) / 2: two passes over the rows, no T x P temporaries.
-        total, mass = _column_sums(jacobian)
+        # (sum g - sum |g|) / 2: two passes over the rows, no T x P temporaries. An absent task's row is
+        # left out (multiplied by 0), whatever it holds.
+        mask = torch.ones(jacobian.shape[0], dtype=jacobian.dtype, device=jacobian.device)
+        if present is not None:
+            mask = present.to(jacobian.dtype)
+        total, mass = _column_sums(jacobian, mask)
         gen = self.generator(jacobian.device)
         draw = torch.rand(total.shape, generator=gen, device=jacobian.device, dtype=jacobian.dtype)
         # P > U  <=>  sum g > (2U - 1) sum |g|  (P = (1 + sum g / sum |g|) / 2; where every g is 0 both
@@ -75,25 +79,34 @@ class GradDrop(GradientBalancer):
         positive = total > draw.mul_(2).sub_(1).mul_(mass)
         base: Tensor | None = None
         if isinstance(self.leak, dict):  # M_t -> l_t + (1 - l_t) M_t, per task
-            per_task = [self.leak.get(n, 0.0) for n in names]
-            total, mass = _column_sums(jacobian, [1 - v for v in per_task])
-            base = _column_sums(jacobian, per_task)[0]
+            leak = torch.tensor([self.leak.get(n, 0.0) for n in self._row_names(jacobian)], dtype=mask.dtype)
+            leak = leak.to(mask.device, non_blocking=True) * mask
+            total, mass = _column_sums(jacobian, mask - leak)
+            base = _column_sums(jacobian, leak)[0]
         elif self.leak:
             base = self.leak * total
             total, mass = (1 - self.leak) * total, (1 - self.leak) * mass
         kept = torch.where(positive, total + mass, total - mass).mul_(0.5)
         direction = kept if base is None else base.add_(kept)
-        return direction, self.implied_weights(jacobian, direction)
+        return direction, self.implied_weights(jacobian, direction) * mask
+
+    def _row_names(self, jacobian: Tensor) -> list[str]:
+        if len(self.task_names) != jacobian.shape[0]:
+            raise ValueError(
+                f"GradDrop: a per-task leak needs one Jacobian row per task of setup() ({self.task_names}), "
+                f"got {jacobian.shape[0]} rows."
+            )
+        return self.task_names
 
 
-def _column_sums(jacobian: Tensor, weights: Sequence[float] | None = None) -> tuple[Tensor, Tensor]:
-    """``sum_t c_t g_t`` and ``sum_t c_t |g_t|`` (``c = 1`` by default), one row at a time: no ``T x P``
-    temporary (``abs()`` of the whole matrix), and no 1-norm reduction across the rows (``dim=0``), which
-    took 0.5 s for a 2 x 2.1 M matrix on CPU (torch 2.13)."""
-    c = [1.0] * jacobian.shape[0] if weights is None else [float(w) for w in weights]
+def _column_sums(jacobian: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:
+    """``sum_t c_t g_t`` and ``sum_t c_t |g_t|`` for the weights ``c`` (length T, on the device), one row at a
+    time: no ``T x P`` temporary (``abs()`` of the whole matrix), and no 1-norm reduction across the rows
+    (``dim=0``), which took 0.5 s for a 2 x 2.1 M matrix on CPU (torch 2.13)."""
+    c = weights.unbind()
     total = jacobian[0] * c[0]
     mass = jacobian[0].abs().mul_(c[0])
     for t in range(1, jacobian.shape[0]):
-        total.add_(jacobian[t], alpha=c[t])
-        mass.add_(jacobian[t].abs(), alpha=c[t])
+        total.addcmul_(jacobian[t], c[t])
+        mass.addcmul_(jacobian[t].abs(), c[t])
     return total, mass

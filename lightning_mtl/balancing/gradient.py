@@ -3,7 +3,9 @@
 Almost every aggregator returns a linear combination ``d = w @ J`` of the task gradients (the rows of
 the Jacobian ``J``), with weights ``w`` that depend only on the Gram matrix ``G = J @ J.T``. Those
 methods implement :meth:`GradientBalancer.weights_from_gram` on a tiny ``T x T`` matrix and never see
-the ``T x P`` Jacobian; the rest (GradDrop, DB-MTL) override :meth:`GradientBalancer.aggregate`.
+the ``T x P`` Jacobian; the rest (GradDrop, DB-MTL) override :meth:`GradientBalancer.aggregate`. Both
+take every task (zero rows for those without a loss) and a boolean ``present`` mask on the device, so
+the step never reads back which tasks are present.
 
 How a step runs (:func:`jacobian_step`, called by :class:`~lightning_mtl.MultiTaskModule`):
 
@@ -60,7 +62,15 @@ class GradientBalancer(Balancer):
         memory_budget_mb: warn once when the ``T x P`` Jacobian would exceed this many MiB.
         seed: seeds the method's random choices (identical on every rank, restored on resume).
 
-    Subclasses implement :meth:`weights_from_gram` (``linear = True``) or override :meth:`aggregate`.
+    Subclasses implement :meth:`weights_from_gram` (``linear = True``) or override :meth:`aggregate`. Both
+    see every task of ``task_names`` (a zero Jacobian row, or Gram row and column, for a task without a loss
+    in the step) and a bool ``present`` mask on the device, so that no step reads which tasks are present
+    back to the host.
+
+    ``update_every``: the steps in between reuse the last finite weights (an overflowed step, whose weights
+    are NaN, keeps the previous ones); a task present on such a step but absent when the weights were
+    computed gets the mean of the cached weights of the tasks that were present then (1 before any weights
+    were computed). Which steps recompute depends on the step counter only, not on the tasks present.
     """
 
     family: ClassVar[str] = "gradient"
@@ -108,18 +118,26 @@ class GradientBalancer(Balancer):
         self.register_buffer("cached_mask", torch.zeros(n, dtype=torch.bool))
 
     # --- what subclasses implement -------------------------------------------------------------------
-    def weights_from_gram(self, gram: Tensor, names: Sequence[str]) -> Tensor:
-        """Weights ``w`` (length T, float64) of the direction ``w @ J`` for the Gram matrix ``G = J J^T``
-        of the tasks ``names`` (float64, ``T x T``)."""
+    def weights_from_gram(self, gram: Tensor, present: Tensor | None = None) -> Tensor:
+        """Weights ``w`` (length T, float64) of the direction ``w @ J`` for the Gram matrix ``G = J J^T``.
+
+        ``gram``: ``T x T`` (float64) over every task of ``task_names``, in order; ``present``: bool ``[T]`` on
+        ``gram``'s device, the tasks with a loss in this step (``None``: all). An absent task's row and column
+        of ``G`` are zero. Implementations return exactly 0 for the absent tasks and, for the others, the
+        method applied to ``G`` restricted to the present tasks (zeros if none is present), with a fixed
+        amount of work and without reading any value back to the host.
+        """
         raise NotImplementedError(f"{type(self).__name__} must implement weights_from_gram or aggregate.")
 
-    def aggregate(self, jacobian: Tensor, names: Sequence[str]) -> tuple[Tensor, Tensor]:
+    def aggregate(self, jacobian: Tensor, present: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """The update direction (length P) and the per-task weights (length T) for ``jacobian`` (T x P).
 
-        The default computes the Gram matrix and calls :meth:`weights_from_gram`.
+        ``jacobian`` has a row per task of ``task_names`` (zero for the tasks absent from the step); ``present``
+        as in :meth:`weights_from_gram`. The default computes the Gram matrix and calls
+        :meth:`weights_from_gram`.
         """
         gram = (jacobian @ jacobian.T).double()
-        weights = self.weights_from_gram(gram, names).to(jacobian.dtype)
+        weights = self.weights_from_gram(gram, present).to(jacobian.dtype)
         return weights @ jacobian, weights
 
     def prepare_losses(self, losses: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -145,26 +163,30 @@ class GradientBalancer(Balancer):
         norms = torch.linalg.vector_norm(jacobian, dim=1).square()  # no T x P temporary
         return (jacobian @ direction) / norms.clamp_min(torch.finfo(norms.dtype).tiny)
 
-    def reusable_weights(self, names: Sequence[str]) -> Tensor | None:
-        """The cached weights when this step may reuse them (``update_every``), else ``None``."""
+    def reusable_weights(self, present: Tensor) -> Tensor | None:
+        """The cached weights (length T) when this step may reuse them (``update_every``), else ``None``.
+
+        Decided from the host step counter alone. A task present now but absent when the weights were
+        computed gets the mean of the cached weights of the tasks that were present then (1 if there are none:
+        the first computation overflowed).
+        """
         if self.update_every <= 1 or self.step_count % self.update_every == 0:
             return None
-        mask = torch.zeros_like(self.cached_mask)
-        mask[[self.task_names.index(n) for n in names]] = True
-        if not torch.equal(mask, self.cached_mask):
-            return None
-        return self.cached_weights[mask]
+        known = self.cached_mask.to(present.device)
+        cached = self.cached_weights.to(present.device)
+        mean = (cached * known).sum() / known.sum().clamp_min(1)
+        fallback = torch.where(known.any(), mean, 1.0)
+        return torch.where(known, cached, fallback)
 
-    def remember(self, names: Sequence[str], weights: Tensor) -> None:
+    def remember(self, present: Tensor, weights: Tensor) -> None:
+        """Cache ``weights`` (length T) for ``update_every``; non-finite weights (an overflowed step, which the
+        GradScaler skips) leave the previous cache in place."""
         if self.update_every <= 1:
             return
-        idx = [self.task_names.index(n) for n in names]
-        self.cached_mask.zero_()
-        if not bool(torch.isfinite(weights).all()):  # an overflowed (skipped) step: recompute next step
-            return
-        self.cached_mask[idx] = True
-        self.cached_weights.zero_()
-        self.cached_weights[idx] = weights.detach().to(self.cached_weights)
+        finite = torch.isfinite(weights).all()
+        w = weights.detach().to(self.cached_weights)
+        self.cached_weights.copy_(torch.where(finite, w, self.cached_weights))
+        self.cached_mask.copy_(torch.where(finite, present.to(self.cached_mask.device), self.cached_mask))
 
     def workspace(self, rows: int, cols: int, device: torch.device) -> Tensor:
         """The ``rows x cols`` float32 matrix the per-task gradients are written into, kept between steps.
@@ -194,15 +216,14 @@ class GradientBalancer(Balancer):
             )
 
 
-def _global_names(balancer: Balancer, local: Sequence[str]) -> list[str]:
-    """The tasks present on at least one rank, in ``balancer.task_names`` order (a collective under DDP)."""
-    if not is_distributed():
-        return [n for n in balancer.task_names if n in local]
-    device = balancer.calls.device
-    present = torch.zeros(len(balancer.task_names), device=device)
-    present[[balancer.task_names.index(n) for n in local]] = 1.0
-    torch.distributed.all_reduce(present)
-    return [n for n, c in zip(balancer.task_names, present.tolist()) if c > 0]
+def _presence(balancer: Balancer, losses: Mapping[str, Tensor], device: torch.device) -> Tensor:
+    """Bool ``[T]`` on ``device``: the tasks of ``balancer.task_names`` with a loss on this rank, or under DDP
+    on any rank (an all-reduce of floats, compared on the device: no host read)."""
+    local = torch.tensor([n in losses for n in balancer.task_names], dtype=torch.float32)
+    local = local.to(device, non_blocking=True)  # from the host without a stream synchronisation
+    if is_distributed():
+        torch.distributed.all_reduce(local)
+    return local > 0
 
 
 def _task_jacobian(
@@ -327,22 +348,26 @@ def jacobian_step(
 
     ``losses``: the tasks with labels in this batch on this rank. ``task_params[t]``: the parameters only
     task ``t`` uses (its head). ``retain_graph``: keep the graph for further terms (extra losses).
+    The Jacobian has a row for every task of ``balancer.task_names`` (zero for the tasks without a loss
+    here); the methods receive the presence mask on the device. The weights returned are those of the
+    tasks in ``losses``.
     """
     losses = balancer.prepare_losses(losses)
-    names = _global_names(balancer, list(losses))
+    names = balancer.task_names
+    present = _presence(balancer, losses, next(iter(losses.values())).device)
     scale = context.loss_scale if context.amp_scaled else None  # skip two T x P passes without AMP
     world = torch.distributed.get_world_size() if is_distributed() else 1
-    own_params = {n: [p for p in task_params.get(n, ()) if p.requires_grad] for n in names}
+    own_params = {n: [p for p in task_params.get(n, ()) if p.requires_grad] for n in losses}
 
-    cached = balancer.reusable_weights(names) if balancer.linear else None
+    cached = balancer.reusable_weights(present) if balancer.linear else None
     if cached is not None:
         # Reuse the weights: backbone gets sum_t w_t g_t from one ordinary backward; heads keep their own
         # (unweighted) gradient through a correction term on their parameters.
-        weights = {n: cached[i] for i, n in enumerate(names)}
+        weights = {n: cached[names.index(n)] for n in losses}
         surrogate = sum((weights[n] * losses[n] for n in losses), next(iter(losses.values())).new_zeros(()))
         for n in losses:
             params = own_params[n]
-            if params and float(weights[n]) != 1.0:
+            if params:
                 loss = losses[n] if scale is None else losses[n] * scale
                 plain = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
                 used = [(p, g) for p, g in zip(params, plain) if g is not None]
@@ -372,7 +397,7 @@ def jacobian_step(
         if world > 1:
             torch.distributed.all_reduce(jac)
             jac.div_(world)
-        direction, w = _aggregate(balancer, jac, names)
+        direction, w = _aggregate(balancer, jac, present, world=1)
         surrogate = _linear_term(shared, direction)
     else:
         feats = list({id(f): f for f in context.features if f.requires_grad}.values())
@@ -386,24 +411,27 @@ def jacobian_step(
         jac, own = _task_jacobian(
             losses, names, feats, own_params, scale, balancer.jacobian == "batched", retain_graph, workspace
         )
-        if balancer.linear:
-            gram = (jac @ jac.T).double()
-            if world > 1:
-                torch.distributed.all_reduce(gram)
-                gram.div_(world**2)
-            w = balancer.weights_from_gram(gram, names).to(jac.dtype) if len(names) > 1 else jac.new_ones(1)
-            direction = w @ jac
-        else:
-            direction, w = _aggregate(balancer, jac, names)
+        direction, w = _aggregate(balancer, jac, present, world)
         surrogate = _linear_term(feats, direction)
     heads = [(p, hg) for n, hgs in own.items() for p, hg in zip(own_params[n], hgs) if hg is not None]
     if heads:
         surrogate = surrogate + _fixed_term([p for p, _ in heads], [hg for _, hg in heads])
-    balancer.remember(names, w)
-    return Balanced(loss=surrogate, weights={n: w[i].detach() for i, n in enumerate(names)})
+    balancer.remember(present, w)
+    return Balanced(loss=surrogate, weights={n: w[names.index(n)].detach() for n in losses})
 
 
-def _aggregate(balancer: GradientBalancer, jac: Tensor, names: Sequence[str]) -> tuple[Tensor, Tensor]:
-    if len(names) == 1 and balancer.linear:
+def _aggregate(balancer: GradientBalancer, jac: Tensor, present: Tensor, world: int) -> tuple[Tensor, Tensor]:
+    """The direction and the weights of ``balancer`` for ``jac`` (a row per task). For a linear method, the
+    weights come from the Gram matrix (``world > 1``: the sum of the ranks' local Grams, each rank's ``jac``
+    holding its own examples), and a single present task gets weight 1: its plain gradient."""
+    if not balancer.linear:
+        return balancer.aggregate(jac, present)
+    if jac.shape[0] == 1:
         return jac[0].clone(), jac.new_ones(1)  # not a view of the workspace, which the next step rewrites
-    return balancer.aggregate(jac, names)
+    gram = (jac @ jac.T).double()
+    if world > 1:
+        torch.distributed.all_reduce(gram)
+        gram.div_(world**2)
+    w = balancer.weights_from_gram(gram, present).to(jac.dtype)
+    w = torch.where(present.sum() == 1, present.to(w.dtype), w)
+    return w @ jac, w

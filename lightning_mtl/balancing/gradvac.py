@@ -7,8 +7,12 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from lightning_mtl.balancing._solvers import normalized_gram, presence, random_orders
 from lightning_mtl.balancing.base import register_balancer
 from lightning_mtl.balancing.gradient import GradientBalancer
+
+#: Squared gradient norms below this fraction of the mean count as zero: nothing is added of them.
+ZERO_ROW = 1e-12
 
 
 @register_balancer("gradvac")
@@ -22,10 +26,11 @@ class GradVac(GradientBalancer):
     (updated for every visited pair, as in the paper's algorithm and TorchJD).
 
     Computed from the Gram matrix like :class:`~lightning_mtl.balancing.pcgrad.PCGrad` (``g_i' = sum_k
-    C_ik g_k``); each task visits the others in a random order from :meth:`generator` (one
-    ``randperm(T - 1)`` per task, as TorchJD draws them). ``phi_hat`` is a ``T x T`` buffer (starts at 0),
-    so it is checkpointed; absent tasks keep their rows. Whole-model granularity (one Jacobian row per
-    task), no layer-wise grouping.
+    C_ik g_k``, every task's ``k``-th visit at once); each task visits the others in a random order from
+    :meth:`generator` (one ``T x T`` draw, :func:`~lightning_mtl.balancing._solvers.random_orders`).
+    ``phi_hat`` is a ``T x T`` buffer (starts at 0), so it is checkpointed; the targets of the pairs that
+    involve an absent task are left as they are (an absent task is visited, but adds nothing). Whole-model
+    granularity (one Jacobian row per task), no layer-wise grouping.
 
     Args:
         beta: EMA rate of the targets. Default 0.5, as LibMTL and TorchJD (comparable with their
@@ -39,7 +44,7 @@ class GradVac(GradientBalancer):
         >>> vac = GradVac()
         >>> vac.setup([Task("a", kind="regression"), Task("b", kind="regression")])
         >>> jac = torch.tensor([[1.0, 0.0], [-1.0, 1.0]], dtype=torch.float64)
-        >>> vac.weights_from_gram(jac @ jac.T, ["a", "b"])  # target 0 at first: PCGrad's projection
+        >>> vac.weights_from_gram(jac @ jac.T)  # target 0 at first: PCGrad's projection
         tensor([2.0000, 1.5000], dtype=torch.float64)
         >>> vac.targets  # phi_hat <- 0.5 * cos(g_a, g_b) = 0.5 * (-1 / sqrt(2))
         tensor([[ 0.0000, -0.3536],
@@ -74,34 +79,44 @@ class GradVac(GradientBalancer):
             targets[dst[:, None], dst] = old[src[:, None], src].to(targets)
         self.register_buffer("targets", targets)
 
-    def weights_from_gram(self, gram: Tensor, names: Sequence[str]) -> Tensor:
-        n, dtype, device = gram.shape[0], gram.dtype, gram.device
-        idx = self.index(names).to(device)
-        phi = self.targets[idx[:, None], idx].to(dtype)  # phi_hat[i, j] for the tasks of this step
-        gen = self.generator(device)
-        rows = torch.arange(n, device=device)
-        perm = torch.stack([torch.randperm(n - 1, generator=gen, device=device) for _ in range(n)])
-        order = perm + (perm >= rows[:, None]).long()  # row i: a random order of the tasks j != i
-        sq = gram.diagonal().clamp_min(0.0)
-        floor = 1e-12 * sq.sum() / n + torch.finfo(dtype).tiny
-        norms = sq.sqrt()
-        coef = torch.eye(n, dtype=dtype, device=device)
-        cg = gram.clone()  # cg[i, k] = g_i' . g_k
-        for k in range(n - 1):
-            j = order[:, k]
-            norm_i = (cg * coef).sum(1).clamp_min(0.0).sqrt()  # |g_i'|
-            cos = cg[rows, j] / (norm_i * norms[j]).clamp_min(floor)
-            target = phi[rows, j]
-            sin, sin_target = (1 - cos**2).clamp_min(0.0).sqrt(), (1 - target**2).clamp_min(0.0).sqrt()
-            # |g_i'| (phi_hat sqrt(1 - phi^2) - phi sqrt(1 - phi_hat^2)) / (|g_j| sqrt(1 - phi_hat^2))
-            w = norm_i * (target * sin - cos * sin_target) / (norms[j] * sin_target.clamp_min(1e-6))
-            w = torch.where((cos < target) & (sq[j] > floor), w, 0.0)
-            coef[rows, j] += w
-            cg += w[:, None] * gram[j]
-            phi[rows, j] = (1 - self.beta) * target + self.beta * cos
-        # An fp16 overflow (a step the GradScaler skips) must not poison the targets.
-        finite = torch.isfinite(gram).all()
-        self.targets[idx[:, None], idx] = torch.where(
-            finite, phi, self.targets[idx[:, None], idx].to(phi)
-        ).to(self.targets)
-        return coef.sum(0)
+    def weights_from_gram(self, gram: Tensor, present: Tensor | None = None) -> Tensor:
+        present = presence(present, gram)
+        gn, _, finite = normalized_gram(gram, present)
+        n, dtype, device = gn.shape[0], gn.dtype, gn.device
+        if n == 1:  # no pair to visit
+            return torch.where(finite, present.to(dtype), torch.nan)
+        order = random_orders(self.generator(device), n, device)  # (n, n - 1): task i visits order[i, k]
+        sq = gn.diagonal()
+        floor = ZERO_ROW / present.sum().clamp_min(1)
+        valid = (sq > floor)[order]  # nothing is added of a zero gradient (or an absent task's)
+        targets = self.targets.to(dtype)
+        target = targets.gather(1, order)  # phi_hat[i, j] for every visit
+        sin_target = (1 - target * target).clamp_min(0.0).sqrt()
+        # With g_i' = sum_k C_ik g_k, |g_i'| sin(phi) is the part of g_i' orthogonal to g_j, |g_i'| cos(phi) is
+        # (g_i' . g_j) / |g_j|, so the paper's |g_i'| (phi_hat sin(phi) - cos(phi) sin(phi_hat)) / (|g_j| sin(phi_hat))
+        # reads a * perp - b * (g_i' . g_j); it is > 0 exactly when phi < phi_hat.
+        norm_o = sq.sqrt()[order]  # |g_j| for every visit
+        inv_norm = torch.where(valid, norm_o.reciprocal(), 0.0)
+        scale = inv_norm / sin_target.clamp_min(1e-6)
+        a, b, inv_sq = target * scale, sin_target * scale * inv_norm, inv_norm * inv_norm
+        # state[i] = [C_i | (C G)_i]; adding w g_j to g_i' adds w [e_j | G_j]
+        state = torch.cat([torch.diag(present.to(dtype)), gn], 1)
+        coef, cg = state[:, :n], state[:, n:]
+        updates = torch.cat([torch.eye(n, dtype=dtype, device=device), gn], 1)[order]
+        columns = [t.unsqueeze(-1).unbind(1) for t in (order, a, b, inv_sq)]
+        dots, norms2 = [], []
+        for update, j, a_k, b_k, inv_k in zip(updates.unbind(1), *columns):
+            cross = cg.gather(1, j)  # g_i' . g_j
+            norm2 = (coef * cg).sum(1, keepdim=True)  # |g_i'|^2
+            perp = torch.addcmul(norm2, cross * cross, inv_k, value=-1.0).clamp_min_(0.0).sqrt_()
+            w = torch.addcmul(a_k * perp, b_k, cross, value=-1.0).clamp_min_(0.0)
+            state.addcmul_(w, update)
+            dots.append(cross)
+            norms2.append(norm2)
+        # phi_hat <- (1 - beta) phi_hat + beta phi on every visited pair of present tasks (an fp16 overflow, a
+        # step the GradScaler skips, must not poison the targets).
+        norm_i = torch.cat(norms2, 1).clamp_min(0.0).sqrt()
+        cos = torch.cat(dots, 1) / (norm_i * norm_o).clamp_min(floor)
+        phi = targets.scatter(1, order, torch.lerp(target, cos, self.beta))
+        self.targets.copy_(torch.where(present[:, None] & present & finite, phi, targets))
+        return torch.where(finite, coef.sum(0), torch.nan)

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 from torch import Tensor
 
+from lightning_mtl.balancing._solvers import IPM_STEPS, nonneg_qp, normalized_gram, presence
 from lightning_mtl.balancing.base import register_balancer
 from lightning_mtl.balancing.gradient import GradientBalancer
+
+#: Ridge added to the Gram matrix, relative to each task's squared gradient norm, so that rank-deficient
+#: Grams (more tasks than dimensions, duplicated gradients, a Pareto-stationary point) stay definite; one
+#: refinement step on the solution's support removes its effect to first order (~1e-24 relative).
+RIDGE = 1e-12
+#: Squared gradient norms below this fraction of the mean count as zero: such a task makes the min-norm
+#: point 0 (Pareto stationary), and gets all the weight.
+ZERO_ROW = 1e-12
 
 
 @register_balancer("mgda")
@@ -19,30 +26,35 @@ class MGDA(GradientBalancer):
     The min-norm point of the convex hull of the task gradients decreases every task at once
     (``d . g_t >= |d|^2``); it is 0 at a Pareto-stationary point.
 
-    Solver: the closed form for two tasks; otherwise ``max_iters`` steps of a primal-dual interior-point
-    method (Mehrotra predictor-corrector) on the problem rescaled to unit gradients (robust to tasks whose
-    gradients differ by orders of magnitude), then the KKT system solved exactly on the support it found
-    ("polishing"); the candidate with the smaller duality gap wins. Fixed work, no host synchronisation.
-    The paper's Frank-Wolfe solver (TorchJD's, LibMTL's) converges slowly: ours reaches the exact
-    min-norm point to ~1e-10 relative on random Jacobians with up to 32 tasks.
+    Solver: the closed form for two tasks. Otherwise the equivalent non-negative least-squares problem
+    ``u = argmin_{u >= 0} u^T (G + eps) u / 2 - 1^T u``, ``w = u / sum(u)`` (the optimality conditions
+    ``G w - |d|^2 1 >= 0``, complementary to ``w``, with ``u = w / |d|^2``), solved exactly by
+    :func:`~lightning_mtl.balancing._solvers.nonneg_qp` (every support at once up to 10 tasks, interior point
+    beyond), then once more on the support found with the ridge ``eps`` (:data:`RIDGE` times each task's
+    squared norm) refined away. Fixed work, no host synchronisation. A task with a zero gradient makes the
+    min-norm point 0 and gets the weight. The paper's Frank-Wolfe solver (TorchJD's, LibMTL's) converges
+    slowly: ours reaches the exact min-norm point to ~1e-12 relative on random Jacobians with up to 32 tasks.
 
     Args:
-        max_iters: interior-point iterations (default 20; the authors' Frank-Wolfe code runs up to 250).
-            The gradient normalisations of the authors' code (``l2``, ``loss``, ``loss+``) are not applied
-            (``none``, as in LibMTL's and TorchJD's defaults).
+        max_iters: interior-point iterations, used beyond 10 tasks (default 14). The gradient
+            normalisations of the authors' code (``l2``, ``loss``, ``loss+``) are not applied (``none``, as in
+            LibMTL's and TorchJD's defaults).
         mode, update_every, jacobian, memory_budget_mb, seed: see
             :class:`~lightning_mtl.balancing.gradient.GradientBalancer`.
 
     Example:
         >>> import torch
         >>> gram = torch.tensor([[1.0, 0.0], [0.0, 4.0]], dtype=torch.float64)  # |g_a| = 1, |g_b| = 2
-        >>> MGDA().weights_from_gram(gram, ["a", "b"])
+        >>> MGDA().weights_from_gram(gram)
         tensor([0.8000, 0.2000], dtype=torch.float64)
+        >>> gram = torch.diag(torch.tensor([1.0, 9.0, 4.0], dtype=torch.float64))
+        >>> MGDA().weights_from_gram(gram, torch.tensor([True, False, True]))  # b absent: a and c alone
+        tensor([0.8000, 0.0000, 0.2000], dtype=torch.float64)
     """
 
     def __init__(
         self,
-        max_iters: int = 20,
+        max_iters: int = IPM_STEPS,
         mode: str = "params",
         update_every: int = 1,
         jacobian: str = "loop",
@@ -54,17 +66,25 @@ class MGDA(GradientBalancer):
             raise ValueError(f"MGDA: max_iters must be >= 1, got {max_iters}.")
         self.max_iters = int(max_iters)
 
-    def weights_from_gram(self, gram: Tensor, names: Sequence[str]) -> Tensor:
+    def weights_from_gram(self, gram: Tensor, present: Tensor | None = None) -> Tensor:
+        present = presence(present, gram)
+        mask = present.to(torch.float64)
         n = gram.shape[0]
         if n == 1:
-            return gram.new_ones(1)
-        floor = 1e-12 * gram.diagonal().sum() / n + torch.finfo(gram.dtype).tiny
-        if n == 2:  # the closest point to 0 of the segment [g_1, g_2]
-            dist = gram[0, 0] + gram[1, 1] - 2 * gram[0, 1]  # |g_1 - g_2|^2
-            w0 = ((gram[1, 1] - gram[0, 1]) / dist.clamp_min(floor)).clamp(0.0, 1.0)
-            w0 = torch.where(dist > floor, w0, torch.full_like(w0, 0.5))
-            return torch.stack([w0, 1 - w0])
-        return min_norm_weights(gram, self.max_iters, floor)
+            return mask
+        if n == 2:  # the closest point to 0 of the segment [g_1, g_2]; a task alone takes it all
+            g = gram.double()
+            dist = g[0, 0] + g[1, 1] - 2 * g[0, 1]  # |g_1 - g_2|^2
+            floor = (g.trace() * (ZERO_ROW / 2)).clamp_min(torch.finfo(g.dtype).tiny)
+            w0 = ((g[1, 1] - g[0, 1]) / dist.clamp_min(floor)).clamp(0.0, 1.0)
+            w0 = torch.where(dist > floor, w0, 0.5)
+            w = torch.where(present.all(), torch.stack([w0, 1 - w0]), mask)
+            return torch.where(torch.isfinite(g).all(), w, torch.nan)
+        gn, _, finite = normalized_gram(gram, present)
+        zero = present & (gn.diagonal() * mask.sum() <= ZERO_ROW)
+        w = min_norm_weights(gn, mask, self.max_iters)
+        w = torch.where(zero.any(), zero / zero.sum(), w)  # d = 0 whatever the others
+        return torch.where(finite, w, torch.nan)
 
 
 @register_balancer("mgda_ub")
@@ -84,7 +104,7 @@ class MGDAUB(MGDA):
 
     def __init__(
         self,
-        max_iters: int = 20,
+        max_iters: int = IPM_STEPS,
         mode: str = "features",
         update_every: int = 1,
         jacobian: str = "loop",
@@ -94,61 +114,13 @@ class MGDAUB(MGDA):
         super().__init__(max_iters, mode, update_every, jacobian, memory_budget_mb, seed)
 
 
-def min_norm_weights(gram: Tensor, iters: int, floor: Tensor) -> Tensor:
-    """``argmin_{w in simplex} w^T G w`` by a fixed number of interior-point steps, then polishing.
+def min_norm_weights(gram: Tensor, present: Tensor, ipm_steps: int = IPM_STEPS) -> Tensor:
+    """``argmin_{w in simplex} w^T G w`` over the tasks where ``present`` (float 0/1) is 1, 0 elsewhere.
 
-    With ``n_t = |g_t|`` and ``w_t = a_t u_t`` (``a = min(n) / n``) the problem reads
-    ``min u^T C u`` s.t. ``a . u = 1, u >= 0`` with ``C`` the cosine matrix: well scaled whatever the
-    gradient norms. KKT: ``C u - lam a - z = 0``, ``a . u = 1``, ``u * z = 0``, ``u, z >= 0``.
+    ``gram``: unit-trace ``T x T`` (the absent tasks' rows are zero). Through ``u = w / |d|^2``, the
+    minimiser of ``u^T (G + eps) u / 2 - present^T u`` over ``u >= 0``; ``eps = RIDGE diag(G)`` keeps every
+    support's system definite, and is refined away on each candidate support.
     """
-    n, dtype, device = gram.shape[0], gram.dtype, gram.device
-    norms = gram.diagonal().clamp_min(floor).sqrt()
-    cos = gram / (norms[:, None] * norms[None, :])
-    a = norms.min() / norms
-    u = torch.ones(n, dtype=dtype, device=device) / a.sum()
-    z = torch.ones_like(u)
-    lam = torch.zeros((), dtype=dtype, device=device)
-
-    for _ in range(iters):
-        hess = cos.clone()
-        hess.diagonal().add_(z / u + 1e-13)
-        inv = torch.linalg.inv_ex(hess)[0]  # the _ex variants do not synchronise with the host
-        inv_a = inv @ a
-        residual = lam * a + z - cos @ u
-        primal = 1 - a @ u
-        mu = (u @ z) / n
-        comp = u * z  # predictor: the affine-scaling direction, aiming at u * z = 0
-        for corrector in (False, True):
-            step = inv @ (residual - comp / u)
-            dlam = (primal - a @ step) / (a @ inv_a)
-            du = step + dlam * inv_a
-            dz = -(comp + z * du) / u
-            alpha = torch.cat([-du / u, -dz / z]).max().clamp_min(1.0).reciprocal()  # longest step <= 1
-            if not corrector:  # Mehrotra: centre by how much the affine step would reduce u . z
-                sigma = (((u + alpha * du) @ (z + alpha * dz)) / n / mu).clamp(0.0, 1.0) ** 3
-                comp = u * z + du * dz - (sigma * mu).clamp_min(1e-18)
-        u, z, lam = u + 0.99 * alpha * du, z + 0.99 * alpha * dz, lam + 0.99 * alpha * dlam
-
-    # Polish: solve the equality-constrained problem on the support {u > z}, and on the part of that
-    # support where the solution stays positive; keep the best of the three candidates.
-    candidates = [a * u]
-    support = u > z
-    eye = torch.eye(n, dtype=dtype, device=device)
-    for _ in range(2):
-        both = support[:, None] & support[None, :]
-        kkt = torch.zeros(n + 1, n + 1, dtype=dtype, device=device)
-        kkt[:n, :n] = torch.where(both, cos, eye)
-        kkt[:n, n] = kkt[n, :n] = a * support
-        rhs = torch.zeros(n + 1, dtype=dtype, device=device)
-        rhs[n] = 1.0
-        v = torch.linalg.solve_ex(kkt, rhs)[0][:n]
-        candidates.append(a * v)
-        support = support & (v > 0)
-    w = torch.stack(candidates[::-1]).clamp_min(0.0)  # on a tie, the polished solutions win
-    total = w.sum(1, keepdim=True)
-    w = w / total.clamp_min(torch.finfo(dtype).tiny)
-    gw = w @ gram
-    gap = (gw * w).sum(1) - gw.min(1).values  # Frank-Wolfe duality gap: >= |d|^2 - |d*|^2 >= |d - d*|^2
-    gap = torch.where(torch.isfinite(gap) & (total[:, 0] > 0), gap, torch.inf)
-    best = gap.argmin()
-    return torch.where(torch.isfinite(gap[best]), w[best], torch.full_like(u, 1.0 / n))
+    ridge = gram.diagonal().clamp_min(ZERO_ROW / gram.shape[0]) * RIDGE
+    u = nonneg_qp(gram + torch.diag(ridge), -present[None], ipm_steps, ridge)[0]
+    return u / u.sum().clamp_min(torch.finfo(gram.dtype).tiny)

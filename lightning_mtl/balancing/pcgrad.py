@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 from torch import Tensor
 
+from lightning_mtl.balancing._solvers import normalized_gram, presence, random_orders
 from lightning_mtl.balancing.base import register_balancer
 from lightning_mtl.balancing.gradient import GradientBalancer
+
+#: Squared gradient norms below this fraction of the mean count as zero: nothing is projected onto them.
+ZERO_ROW = 1e-12
 
 
 @register_balancer("pcgrad")
@@ -20,10 +22,13 @@ class PCGrad(GradientBalancer):
     ``g_i'`` by its projection onto the normal plane of ``g_j``; the update is the sum of the ``g_i'``.
 
     Computed exactly from the Gram matrix: ``g_i' = sum_k C_ik g_k`` with ``C = I`` at the start, so
-    ``g_i' . g_j = (C G)_ij`` and the projection is ``C_ij -= (C G)_ij / G_jj``; the weights are ``C.sum(0)``.
-    The orders come from :meth:`generator` (one ``randperm(T)`` per task, skipping the task itself, as
-    TorchJD draws them), so every rank and a resumed run take the same ones. Gradients with
-    ``|g_j|^2 <= 1e-12 * mean_t |g_t|^2`` count as zero (nothing is projected onto them).
+    ``g_i' . g_j = (C G)_ij`` and the projection is ``C_ij -= min((C G)_ij, 0) / G_jj``; the weights are
+    ``C.sum(0)``. Every task takes its ``k``-th projection at once (``T - 1`` steps, ``C`` and ``C G``
+    updated together). The orders come from :meth:`generator` (one ``T x T`` draw,
+    :func:`~lightning_mtl.balancing._solvers.random_orders`), so every rank and a resumed run take the same
+    ones; absent tasks are visited but project nothing, so the present tasks visit each other in a uniformly
+    random order. Gradients with ``|g_j|^2 <= 1e-12 * mean_t |g_t|^2`` count as zero (nothing is projected
+    onto them).
 
     No hyper-parameters (the paper has none); ``mode``, ``update_every``, ``jacobian``,
     ``memory_budget_mb``, ``seed``: see :class:`~lightning_mtl.balancing.gradient.GradientBalancer`.
@@ -31,24 +36,25 @@ class PCGrad(GradientBalancer):
     Example:
         >>> import torch
         >>> jac = torch.tensor([[1.0, 0.0], [-1.0, 1.0]], dtype=torch.float64)  # g_1 . g_2 = -1 < 0
-        >>> w = PCGrad().weights_from_gram(jac @ jac.T, ["a", "b"])
+        >>> w = PCGrad().weights_from_gram(jac @ jac.T)
         >>> w  # g_1' = g_1 + g_2 / 2, g_2' = g_2 + g_1
         tensor([2.0000, 1.5000], dtype=torch.float64)
         >>> w @ jac
         tensor([0.5000, 1.5000], dtype=torch.float64)
     """
 
-    def weights_from_gram(self, gram: Tensor, names: Sequence[str]) -> Tensor:
-        n, device = gram.shape[0], gram.device
-        gen = self.generator(device)
-        order = torch.stack([torch.randperm(n, generator=gen, device=device) for _ in range(n)])
-        sq = gram.diagonal()
-        floor = 1e-12 * sq.sum() / n + torch.finfo(gram.dtype).tiny
-        rows = torch.arange(n, device=device)
-        coef = torch.eye(n, dtype=gram.dtype, device=device)
-        for k in range(n):  # step k: every task i projects against its k-th task j = order[i, k]
-            j = order[:, k]
-            dot = (coef * gram[j]).sum(1)  # g_i' . g_j
-            conflict = (dot < 0) & (j != rows) & (sq[j] > floor)
-            coef[rows, j] -= torch.where(conflict, dot / sq[j].clamp_min(floor), 0.0)
-        return coef.sum(0)
+    def weights_from_gram(self, gram: Tensor, present: Tensor | None = None) -> Tensor:
+        present = presence(present, gram)
+        gn, _, finite = normalized_gram(gram, present)
+        n, device = gn.shape[0], gn.device
+        order = random_orders(self.generator(device), n, device)  # (n, n - 1)
+        mask = present.to(gn.dtype)
+        sq = gn.diagonal()
+        inv_sq = torch.where(sq > ZERO_ROW / mask.sum().clamp_min(1), sq.reciprocal(), 0.0)
+        # state[i] = [C_i | (C G)_i]; projecting g_i' off g_j adds -min(g_i' . g_j, 0) / |g_j|^2 [e_j | G_j]
+        state = torch.cat([torch.diag(mask), gn], 1)
+        updates = (torch.cat([torch.eye(n, dtype=gn.dtype, device=device), gn], 1) * inv_sq[:, None])[order]
+        dots = (order + n).unsqueeze(-1)  # where g_i' . g_j is in state[i]
+        for update, dot in zip(updates.unbind(1), dots.unbind(1)):
+            state.addcmul_(state.gather(1, dot).clamp_max_(0.0), update, value=-1.0)
+        return torch.where(finite, state[:, :n].sum(0), torch.nan)

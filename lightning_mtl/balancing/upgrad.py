@@ -13,7 +13,9 @@ from lightning_mtl.balancing._solvers import (
     match_preferences,
     nonneg_qp,
     normalized_gram,
+    preference_tensor,
     preferences,
+    presence,
 )
 from lightning_mtl.balancing.base import register_balancer
 from lightning_mtl.balancing.gradient import GradientBalancer
@@ -36,7 +38,8 @@ class UPGrad(GradientBalancer):
     once up to 10 tasks; interior point + exact polishing beyond).
 
     Args:
-        pref_vector: ``{task: u_t >= 0}`` for every task; default ``u = 1/T`` over the tasks of the step.
+        pref_vector: ``{task: u_t >= 0}`` for every task (the absent tasks' are ignored); default ``u = 1/K``
+            over the ``K`` tasks present in the step.
         reg_eps: ridge added to the trace-normalised Gram (TorchJD's default ``1e-4``; must be > 0).
         mode, update_every, jacobian, memory_budget_mb, seed: see
             :class:`~lightning_mtl.balancing.gradient.GradientBalancer`.
@@ -44,10 +47,12 @@ class UPGrad(GradientBalancer):
     Example:
         >>> import torch
         >>> jac = torch.tensor([[-4.0, 1.0, 1.0], [6.0, 1.0, 1.0]], dtype=torch.float64)
-        >>> w = UPGrad().weights_from_gram(jac @ jac.T, ["a", "b"])
+        >>> w = UPGrad().weights_from_gram(jac @ jac.T)
         >>> w @ jac  # conflicts with neither row: jac @ d >= 0
         tensor([0.2929, 1.9004, 1.9004], dtype=torch.float64)
     """
+
+    pref: Tensor | None  # pref_vector in task order (a buffer set by setup; None: 1/K each)
 
     def __init__(
         self,
@@ -61,6 +66,7 @@ class UPGrad(GradientBalancer):
     ) -> None:
         super().__init__(mode, update_every, jacobian, memory_budget_mb, seed)
         self.pref_vector = check_preferences(type(self).__name__, pref_vector, nonneg=True)
+        self.register_buffer("pref", None, persistent=False)
         if not float(reg_eps) > 0:
             raise ValueError(f"UPGrad: reg_eps must be > 0 (TorchJD's default is 1e-4), got {reg_eps}.")
         self.reg_eps = float(reg_eps)
@@ -68,13 +74,16 @@ class UPGrad(GradientBalancer):
     def setup(self, tasks: Sequence[Task]) -> None:  # type: ignore[override]
         super().setup(tasks)
         match_preferences(type(self).__name__, self.pref_vector, self.task_names)
+        pref = preference_tensor(self.pref_vector, self.task_names)
+        self.pref = None if pref is None else pref.to(self.calls.device)
 
-    def weights_from_gram(self, gram: Tensor, names: Sequence[str]) -> Tensor:
-        gn, _, finite = normalized_gram(gram)
-        n = gn.shape[0]
-        eye = torch.eye(n, dtype=gn.dtype, device=gn.device)
-        regularized = gn + self.reg_eps * eye
-        # Row i: v_i - e_i = argmin_{x >= 0} (e_i + x)^T A (e_i + x), whose linear term is A e_i.
-        projections = nonneg_qp(regularized, regularized) + eye
-        weights = preferences(self.pref_vector, names, gn) @ projections
-        return torch.where(finite, weights, torch.full_like(weights, torch.nan))
+    def weights_from_gram(self, gram: Tensor, present: Tensor | None = None) -> Tensor:
+        present = presence(present, gram)
+        gn, _, finite = normalized_gram(gram, present)
+        regularized = torch.diagonal_scatter(gn, gn.diagonal() + self.reg_eps)
+        # Row i: v_i - e_i = argmin_{x >= 0} (e_i + x)^T A (e_i + x), whose linear term is A e_i. An absent task
+        # is decoupled (its row of A is reg_eps e_i): no present task's projection moves along it.
+        projections = nonneg_qp(regularized, regularized)
+        prefs = preferences(self.pref, present, gn)
+        weights = torch.addmv(prefs, projections.T, prefs)  # u @ (X + I)
+        return torch.where(finite, weights, torch.nan)

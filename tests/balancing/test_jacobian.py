@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import pytest
 import torch
 from torch import nn
@@ -25,10 +23,10 @@ class FixedWeights(GradientBalancer):
         super().__init__(**kwargs)
         self.gram_calls = 0
 
-    def weights_from_gram(self, gram: torch.Tensor, names: Sequence[str]) -> torch.Tensor:
+    def weights_from_gram(self, gram: torch.Tensor, present: torch.Tensor | None = None) -> torch.Tensor:
         self.gram_calls += 1
         self.last_gram = gram
-        return WEIGHTS[: len(names)].to(gram)
+        return torch.where(present, WEIGHTS.to(gram), 0.0)
 
 
 class SignFlip(GradientBalancer):
@@ -36,7 +34,7 @@ class SignFlip(GradientBalancer):
 
     linear = False
 
-    def aggregate(self, jacobian, names):
+    def aggregate(self, jacobian, present=None):
         d = -jacobian.sum(0)
         return d, self.implied_weights(jacobian, d)
 
@@ -142,35 +140,59 @@ def test_update_every_reuses_weights_without_a_jacobian():
     assert int(module.balancer.calls) == 6
 
 
-def test_update_every_recomputes_when_the_present_tasks_change():
-    module, batch = make_module(FixedWeights(update_every=10))
-    module.training_step(batch, 0)
-    module.training_step({"x": batch["x"], "a": batch["a"]}, 1)  # only one task: no reuse of 2-task weights
-    assert module.balancer.gram_calls == 1  # the one-task step short-circuits, it never calls the method
+def test_update_every_reuses_weights_when_the_present_tasks_change():
+    """Which steps recompute depends on the step counter only (no host read of the tasks present); a task
+    absent when the weights were computed gets the mean of the cached weights of the others."""
+    module, batch = make_module(FixedWeights(update_every=3))
+    module.training_step({"x": batch["x"], "a": batch["a"]}, 0)  # only a: its plain gradient, weight 1
+    assert module.balancer.gram_calls == 1
+    torch.testing.assert_close(module.balancer.cached_weights, torch.tensor([1.0, 0.0]))
+    want_bb, want_heads = reference_grads(module, batch, [1.0, 1.0])  # b: the mean of the cached [1]
+    got_bb, got_heads = surrogate_grads(module, batch)  # step 1: reused, both tasks present
+    for g, w in zip(got_bb, want_bb):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+    for n in ("a", "b"):
+        for g, w in zip(got_heads[n], want_heads[n]):
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+    assert module.balancer.gram_calls == 1
     module.training_step(batch, 2)
+    module.training_step(batch, 3)  # step 3: computed again, for both tasks
     assert module.balancer.gram_calls == 2
+    torch.testing.assert_close(module.balancer.cached_weights.double(), WEIGHTS)
 
 
 class OverflowOnce(FixedWeights):
-    """NaN weights on its first call, as an fp16 overflow gives (a step the GradScaler skips)."""
+    """NaN weights on its call number ``overflow``, as an fp16 overflow gives (a step the GradScaler skips)."""
 
-    def weights_from_gram(self, gram, names):
-        w = super().weights_from_gram(gram, names)
-        return torch.full_like(w, torch.nan) if self.gram_calls == 1 else w
+    def __init__(self, overflow: int = 1, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.overflow = overflow
+
+    def weights_from_gram(self, gram, present=None):
+        w = super().weights_from_gram(gram, present)
+        return torch.full_like(w, torch.nan) if self.gram_calls == self.overflow else w
 
 
-def test_overflowed_step_weights_are_not_reused_or_logged(monkeypatch):
-    module, batch = make_module(OverflowOnce(update_every=10))
+@pytest.mark.parametrize("overflow", [1, 2])
+def test_overflowed_step_weights_are_not_cached_or_logged(monkeypatch, overflow):
+    """An overflowed step's NaN weights are neither logged nor cached: the steps that reuse weights until the
+    next computation take the last finite ones (or 1 per task, the plain gradients, before any)."""
+    module, batch = make_module(OverflowOnce(overflow=overflow, update_every=2))
     logged: dict[str, torch.Tensor] = {}
     monkeypatch.setattr(module, "log", lambda key, value, **kw: logged.__setitem__(key, value))
     monkeypatch.setattr(module, "_loss_scale", lambda: torch.tensor(2.0**10))  # an active GradScaler
-    module.training_step(batch, 0)
+    if overflow == 2:
+        module.training_step(batch, 0)  # finite, cached
+        module.training_step(batch, 1)  # reused
+        logged.clear()
+    module.training_step(batch, 2 * overflow - 2)  # the overflow
+    assert module.balancer.gram_calls == overflow
     assert "weights/a" not in logged and "train/loss" in logged  # the skipped step's NaN is not logged
-    module.training_step(batch, 1)  # not reused: computed again
-    assert module.balancer.gram_calls == 2
-    torch.testing.assert_close(logged["weights/a"].double(), WEIGHTS[0])
-    module.training_step(batch, 2)  # finite weights are reused as usual
-    assert module.balancer.gram_calls == 2
+    module.training_step(batch, 2 * overflow - 1)  # reused, without a new computation
+    assert module.balancer.gram_calls == overflow
+    expected = WEIGHTS if overflow == 2 else torch.ones(2, dtype=torch.float64)
+    torch.testing.assert_close(logged["weights/a"].double(), expected[0])
+    torch.testing.assert_close(logged["weights/b"].double(), expected[1])
 
 
 def test_absent_task_keeps_its_head_in_the_graph_with_zero_gradient():
