@@ -405,27 +405,36 @@ class MultiTaskModule(HubMixin, TransferMixin, L.LightningModule):
     def _log_step(
         self, losses: TaskLosses, balanced: Balanced, objective: Tensor, extras: Mapping[str, Tensor]
     ) -> None:
-        """Per-step values (``train/loss``, ``train/<task>/loss``, ``weights/<task>``, ``train/extra/<name>``)
-        to the loggers on Lightning's logging steps (every ``log_every_n_steps``), with one device->host
-        copy for all of them; nothing on the other steps. Tasks without labels in the step are left out, and
-        so are the weights of a step whose weights are not finite (an fp16 overflow the GradScaler skips)."""
+        """Per-step values to the loggers on Lightning's logging steps (every ``log_every_n_steps``), with one
+        device->host copy for all of them (:meth:`_step_metrics`); nothing on the other steps."""
         trainer = self._trainer
         if trainer is None or not trainer.loggers or trainer.global_rank != 0:
             return
         every = max(int(getattr(trainer, "log_every_n_steps", 50)), 1)
         if self._train_batches % every != 0 and not trainer.should_stop:
             return
+        metrics = {
+            **self._step_metrics(losses, balanced, objective, extras),
+            "epoch": float(trainer.current_epoch),
+        }
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+            logger.save()
+
+    def _step_metrics(
+        self, losses: TaskLosses, balanced: Balanced, objective: Tensor, extras: Mapping[str, Tensor]
+    ) -> dict[str, float]:
+        """``train/loss``, ``train/<task>/loss``, ``weights/<task>`` and ``train/extra/<name>`` of one step as
+        numbers (one device->host copy). Tasks without labels in the step are left out, and so are the
+        weights of a step whose weights are not finite (an fp16 overflow, which the GradScaler skips)."""
         names = list(losses.task_names)
         parts = [objective.float().reshape(1), losses.vector.detach(), balanced.vector.detach().float()]
         parts += [losses.present.float(), *(t.detach().float().reshape(1) for t in extras.values())]
         values = torch.cat([p.to(objective.device) for p in parts]).tolist()  # the one host read
         t = len(names)
-        loss_values, weight_values, present = (
-            values[1 : 1 + t],
-            values[1 + t : 1 + 2 * t],
-            values[1 + 2 * t : 1 + 3 * t],
-        )
-        metrics: dict[str, float] = {"train/loss": values[0], "epoch": float(trainer.current_epoch)}
+        loss_values, weight_values = values[1 : 1 + t], values[1 + t : 1 + 2 * t]
+        present = values[1 + 2 * t : 1 + 3 * t]
+        metrics: dict[str, float] = {"train/loss": values[0]}
         weights_finite = all(math.isfinite(w) for w, p in zip(weight_values, present) if p)
         for name, loss, weight, here in zip(names, loss_values, weight_values, present):
             if here:
@@ -434,9 +443,7 @@ class MultiTaskModule(HubMixin, TransferMixin, L.LightningModule):
                     metrics[f"weights/{name}"] = weight
         for name, value in zip(extras, values[1 + 3 * t :]):
             metrics[f"train/extra/{name}"] = value
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=trainer.global_step)
-            logger.save()
+        return metrics
 
     def _task_parameters(self) -> dict[str, list[nn.Parameter]]:
         """The trainable parameters only task ``t`` uses: its head's and, if it has one, its loss module's."""

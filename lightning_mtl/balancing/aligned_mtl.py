@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -59,13 +59,9 @@ class AlignedMTL(GradientBalancer):
         self,
         pref_vector: Mapping[str, float] | None = None,
         scale_mode: str = "min",
-        mode: str = "params",
-        update_every: int = 1,
-        jacobian: str = "loop",
-        memory_budget_mb: float = 2048.0,
-        seed: int = 0,
+        **options: Any,
     ) -> None:
-        super().__init__(mode, update_every, jacobian, memory_budget_mb, seed)
+        super().__init__(**options)
         if scale_mode not in SCALE_MODES:
             raise ValueError(f"AlignedMTL: scale_mode must be one of {SCALE_MODES}, got {scale_mode!r}.")
         self.pref_vector = check_preferences(type(self).__name__, pref_vector, nonneg=False)

@@ -331,10 +331,16 @@ class Balancer(nn.Module):
         import inspect
 
         out: dict[str, Any] = {}
-        for name in inspect.signature(type(self).__init__).parameters:
-            if name != "self" and hasattr(self, name):
-                value = getattr(self, name)
-                out[name] = list(value) if isinstance(value, tuple) else value
+        for cls in type(self).__mro__:  # a method's own arguments, then the ones it passes on (**options)
+            init = cls.__dict__.get("__init__")
+            if init is None:
+                continue
+            for name, param in inspect.signature(init).parameters.items():
+                if name in out or name == "self" or param.kind in (param.VAR_KEYWORD, param.VAR_POSITIONAL):
+                    continue
+                if hasattr(self, name):
+                    value = getattr(self, name)
+                    out[name] = list(value) if isinstance(value, tuple) else value
         return out
 
     def spec(self) -> dict[str, Any]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -58,13 +60,9 @@ class CAGrad(GradientBalancer):
         c: float = 0.5,
         rescale: int = 0,
         norm_eps: float = 1e-4,
-        mode: str = "params",
-        update_every: int = 1,
-        jacobian: str = "loop",
-        memory_budget_mb: float = 2048.0,
-        seed: int = 0,
+        **options: Any,
     ) -> None:
-        super().__init__(mode, update_every, jacobian, memory_budget_mb, seed)
+        super().__init__(**options)
         if not float(c) >= 0:
             raise ValueError(f"CAGrad: c must be >= 0 (the paper uses 0.5; 0 is the mean gradient), got {c}.")
         if rescale not in RESCALES:

@@ -61,13 +61,9 @@ class DBMTL(GradientBalancer):
         beta: float = 0.9,
         beta_sigma: float = 0.5,
         eps: float = 1e-8,
-        mode: str = "params",
-        update_every: int = 1,
-        jacobian: str = "loop",
-        memory_budget_mb: float = 2048.0,
-        seed: int = 0,
+        **options: Any,
     ) -> None:
-        super().__init__(mode, update_every, jacobian, memory_budget_mb, seed)
+        super().__init__(**options)
         if not 0.0 <= beta < 1.0 or beta_sigma < 0.0 or eps < 0.0:
             raise ValueError(
                 f"DBMTL: need 0 <= beta < 1, beta_sigma >= 0 and eps >= 0; got beta={beta}, "

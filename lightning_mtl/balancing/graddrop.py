@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -47,17 +48,14 @@ class GradDrop(GradientBalancer):
     """
 
     linear = False
+    default_mode: ClassVar[str] = "features"
 
     def __init__(
         self,
         leak: float | Mapping[str, float] = 0.0,
-        mode: str = "features",
-        update_every: int = 1,
-        jacobian: str = "loop",
-        memory_budget_mb: float = 2048.0,
-        seed: int = 0,
+        **options: Any,
     ) -> None:
-        super().__init__(mode, update_every, jacobian, memory_budget_mb, seed)
+        super().__init__(**options)
         values = list(leak.values()) if isinstance(leak, Mapping) else [leak]
         if not all(0.0 <= float(v) <= 1.0 for v in values):
             raise ValueError(f"GradDrop: leak must be in [0, 1], got {leak!r}.")

@@ -7,7 +7,8 @@ the ``T x P`` Jacobian; the rest (GradDrop, DB-MTL) override :meth:`GradientBala
 take every task (zero rows for those without a loss) and a boolean ``present`` mask on the device, so
 the step never reads back which tasks are present.
 
-How a step runs (:func:`jacobian_step`, called by :class:`~lightning_mtl.MultiTaskModule`):
+How a step runs (:meth:`GradientBalancer.forward`, the module's one balancer call; the machinery is
+:func:`lightning_mtl.balancing.jacobian.jacobian_step`):
 
 * ``mode="params"``: one ``torch.autograd.grad`` per task through the backbone (or one batched call
   with ``jacobian="batched"``) gives the rows of ``J`` over the trainable shared parameters, and each
@@ -38,12 +39,13 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar, cast
+from typing import ClassVar
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from lightning_mtl.balancing.base import Balanced, Balancer, StepContext, is_distributed
+from lightning_mtl.balancing.base import Balanced, Balancer, StepContext, TaskLosses, is_distributed
+from lightning_mtl.balancing.jacobian import jacobian_step, reuse_step
 
 MODES = ("params", "features")
 JACOBIANS = ("loop", "batched")
@@ -62,6 +64,9 @@ class GradientBalancer(Balancer):
         memory_budget_mb: warn once when the ``T x P`` Jacobian would exceed this many MiB.
         seed: seeds the method's random choices (identical on every rank, restored on resume).
 
+    The step options are keyword arguments handled here once: a method's constructor takes its own
+    hyper-parameters and passes ``**options`` on (``default_mode`` declares a method's default ``mode``).
+
     Subclasses implement :meth:`weights_from_gram` (``linear = True``) or override :meth:`aggregate`. Both
     see every task of ``task_names`` (a zero Jacobian row, or Gram row and column, for a task without a loss
     in the step) and a bool ``present`` mask on the device, so that no step reads which tasks are present
@@ -76,18 +81,21 @@ class GradientBalancer(Balancer):
     family: ClassVar[str] = "gradient"
     linear: ClassVar[bool] = True
     supports_features: ClassVar[bool] = True
+    default_mode: ClassVar[str] = "params"
     cached_weights: Tensor
     cached_mask: Tensor
 
     def __init__(
         self,
-        mode: str = "params",
+        *,
+        mode: str | None = None,
         update_every: int = 1,
         jacobian: str = "loop",
         memory_budget_mb: float = 2048.0,
         seed: int = 0,
     ) -> None:
         super().__init__(seed=seed)
+        mode = self.default_mode if mode is None else mode
         if mode not in MODES:
             raise ValueError(f"{type(self).__name__}: mode must be one of {MODES}, got {mode!r}.")
         if mode == "features" and not self.supports_features:
@@ -144,17 +152,81 @@ class GradientBalancer(Balancer):
         """Transform the task losses before their gradients are taken (DB-MTL uses ``log``). Default: none."""
         return dict(losses)
 
-    def forward(self, losses: Mapping[str, Tensor], context: StepContext | None = None) -> Balanced:
-        """Run the Jacobian step: per-task gradients, aggregation, and a surrogate loss whose gradient is the
-        aggregated direction (see the module docstring)."""
+    def forward(self, losses: TaskLosses, context: StepContext | None = None) -> Balanced:
+        """One Jacobian step: per-task gradients (of the shared parameters or features), the method's
+        aggregation, and a surrogate loss whose gradient is the aggregated direction (module docstring)."""
         if context is None:
             raise ValueError(
                 f"{type(self).__name__} aggregates per-task gradients and needs the step's StepContext (backbone, "
                 "features, loss scale, task parameters); MultiTaskModule passes one."
             )
-        out = jacobian_step(self, losses, context, context.task_parameters, retain_graph=context.retain_graph)
-        objective = torch.stack([v.detach().float() for v in losses.values()]).sum()
-        return Balanced(out.loss, out.weights, task_names=self.task_names, objective=objective)
+        names = list(losses.task_names)
+        present = losses.present
+        if is_distributed():  # present on any rank: an all-reduce on the device, no host read
+            anywhere = present.float()
+            torch.distributed.all_reduce(anywhere)
+            present = anywhere > 0
+        prepared = self.prepare_losses(losses)
+        scale = context.loss_scale if context.amp_scaled else None  # skips two T x P passes without AMP
+        own = {n: [p for p in context.task_parameters.get(n, ()) if p.requires_grad] for n in prepared}
+        objective = losses.vector.detach().sum()
+
+        cached = self.reusable_weights(present) if self.linear else None
+        if cached is not None:  # update_every: one ordinary backward with the last weights
+            reused = {n: cached[names.index(n)] for n in prepared}
+            surrogate = reuse_step(prepared, reused, own, scale)
+            return Balanced(surrogate, cached, task_names=names, names=tuple(losses), objective=objective)
+
+        world = torch.distributed.get_world_size() if is_distributed() else 1
+        if self.mode == "params":
+            inputs: list[Tensor] = list(context.shared_parameters())
+            if not inputs:
+                raise ValueError(
+                    "Gradient balancing with mode='params' needs trainable backbone parameters; all are frozen."
+                )
+            reduce = _average_over_ranks if world > 1 else None
+            gram_world = 1  # the Jacobian itself is averaged over the ranks
+        else:
+            inputs = list({id(f): f for f in context.features if f.requires_grad}.values())
+            if not inputs:
+                raise ValueError("Gradient balancing with mode='features' needs features that require grad.")
+            reduce, gram_world = None, world  # each rank's rows hold its own examples: sum the Grams
+        cols = sum(t.numel() for t in inputs)
+        self.check_memory(len(names), cols)
+        surrogate, weights = jacobian_step(
+            prepared,
+            names,
+            inputs,
+            own,
+            lambda jac: self.combine(jac, present, gram_world),
+            self.workspace(len(names), cols, inputs[0].device),
+            scale=scale,
+            batched=self.jacobian == "batched",
+            retain_graph=context.retain_graph,
+            reduce=reduce,
+        )
+        self.remember(present, weights)
+        return Balanced(
+            surrogate, weights.detach(), task_names=names, names=tuple(losses), objective=objective
+        )
+
+    def combine(self, jacobian: Tensor, present: Tensor, world: int = 1) -> tuple[Tensor, Tensor]:
+        """The direction and the weights for ``jacobian`` (a row per task). For a linear method the weights
+        come from the Gram matrix (``world > 1``: the sum of the ranks' local Grams, each rank's rows holding
+        its own examples), and a single present task gets weight 1: its plain gradient."""
+        if not self.linear:
+            return self.aggregate(jacobian, present)
+        if jacobian.shape[0] == 1:
+            return jacobian[0].clone(), jacobian.new_ones(
+                1
+            )  # not a view of the workspace (rewritten next step)
+        gram = (jacobian @ jacobian.T).double()
+        if world > 1:
+            torch.distributed.all_reduce(gram)
+            gram.div_(world**2)
+        w = self.weights_from_gram(gram, present).to(jacobian.dtype)
+        w = torch.where(present.sum() == 1, present.to(w.dtype), w)
+        return w @ jacobian, w
 
     # --- helpers ---------------------------------------------------------------------------------------
     @staticmethod
@@ -216,222 +288,7 @@ class GradientBalancer(Balancer):
             )
 
 
-def _presence(balancer: Balancer, losses: Mapping[str, Tensor], device: torch.device) -> Tensor:
-    """Bool ``[T]`` on ``device``: the tasks of ``balancer.task_names`` with a loss on this rank, or under DDP
-    on any rank (an all-reduce of floats, compared on the device: no host read)."""
-    local = torch.tensor([n in losses for n in balancer.task_names], dtype=torch.float32)
-    local = local.to(device, non_blocking=True)  # from the host without a stream synchronisation
-    if is_distributed():
-        torch.distributed.all_reduce(local)
-    return local > 0
-
-
-def _task_jacobian(
-    losses: Mapping[str, Tensor],
-    names: Sequence[str],
-    inputs: Sequence[Tensor],
-    task_inputs: Mapping[str, Sequence[Tensor]],
-    scale: Tensor | None,
-    batched: bool,
-    retain_last: bool,
-    jac: Tensor,
-) -> tuple[Tensor, dict[str, tuple[Tensor | None, ...]]]:
-    """Rows of ``d L_t / d inputs`` (flattened; zero rows for tasks absent locally), divided by ``scale``,
-    written into ``jac`` (``len(names) x total size``), and each task's own gradients of
-    ``task_inputs[t]`` (its head) on the way."""
-    sizes = [t.numel() for t in inputs]
-    device = inputs[0].device
-    own: dict[str, tuple[Tensor | None, ...]] = {}
-    local = [n for n in names if n in losses]
-    for i, name in enumerate(names):
-        if name not in losses:  # absent on this rank (present on another): a zero row
-            jac[i].zero_()
-
-    def scaled(loss: Tensor) -> Tensor:
-        return loss if scale is None else loss * scale
-
-    if batched and local:
-        extra = [p for n in local for p in task_inputs.get(n, ())]
-        eye = torch.eye(len(local), device=device, dtype=losses[local[0]].dtype)
-        stacked = torch.stack([scaled(losses[n]) for n in local])
-        grads = torch.autograd.grad(
-            stacked,
-            [*inputs, *extra],
-            grad_outputs=eye,
-            is_grads_batched=True,
-            retain_graph=retain_last,
-            allow_unused=True,
-        )
-        rows = [names.index(n) for n in local]
-        offset = 0
-        for g, size in zip(grads[: len(inputs)], sizes):
-            if g is not None:
-                jac[rows, offset : offset + size] = g.reshape(len(local), -1).float()
-            else:
-                jac[rows, offset : offset + size] = 0.0
-            offset += size
-        start = len(inputs)
-        for k, n in enumerate(local):
-            count = len(task_inputs.get(n, ()))
-            own[n] = tuple(None if g is None else g[k] for g in grads[start : start + count])
-            start += count
-    else:
-        for i, name in enumerate(names):
-            if name not in losses:
-                continue
-            extra = list(task_inputs.get(name, ()))
-            last = name == local[-1]
-            grads = torch.autograd.grad(
-                scaled(losses[name]),
-                [*inputs, *extra],
-                retain_graph=retain_last or not last,
-                allow_unused=True,
-            )
-            offset = 0
-            for g, size in zip(grads[: len(inputs)], sizes):
-                if g is not None:
-                    jac[i, offset : offset + size] = g.reshape(-1)
-                else:  # this input does not reach task i's loss
-                    jac[i, offset : offset + size].zero_()
-                offset += size
-            own[name] = tuple(grads[len(inputs) :])
-    if scale is not None:
-        jac.div_(scale)
-        own = {n: tuple(None if g is None else g / scale for g in gs) for n, gs in own.items()}
-    return jac, own
-
-
-class _FixedGradient(torch.autograd.Function):
-    """A zero-valued term whose gradient with respect to each input is a fixed tensor: ``grads[k]`` times
-    the incoming gradient (so loss scaling and ``1 / accumulate_grad_batches`` still apply).
-
-    The same gradient as ``sum_k <inputs_k, grads_k>`` without computing that product: no pass over the
-    parameters in the forward, one multiply per input in the backward.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, grads: tuple[Tensor, ...], *inputs: Tensor) -> Tensor:  # type: ignore[override]
-        ctx.grads = grads
-        return inputs[0].new_zeros((), dtype=torch.float32)
-
-    @staticmethod
-    def backward(ctx: Any, grad_output: Tensor) -> tuple[Any, ...]:  # type: ignore[override]
-        grads = ctx.grads
-        ctx.grads = None  # free the direction once it has been handed out
-        return (None, *(g * grad_output.to(g.dtype) for g in grads))
-
-
-def _linear_term(tensors: Sequence[Tensor], flat: Tensor) -> Tensor:
-    """A term whose gradient with respect to ``tensors`` is ``flat`` split like them (``flat`` is detached)."""
-    grads = []
-    offset = 0
-    for t in tensors:
-        n = t.numel()
-        grads.append(flat[offset : offset + n].detach().view(t.shape).to(t.dtype))
-        offset += n
-    return cast(Tensor, _FixedGradient.apply(tuple(grads), *tensors))
-
-
-def _fixed_term(tensors: Sequence[Tensor], grads: Sequence[Tensor]) -> Tensor:
-    """A term whose gradient with respect to ``tensors[k]`` is ``grads[k]`` (detached)."""
-    return cast(Tensor, _FixedGradient.apply(tuple(g.detach() for g in grads), *tensors))
-
-
-def jacobian_step(
-    balancer: GradientBalancer,
-    losses: Mapping[str, Tensor],
-    context: StepContext,
-    task_params: Mapping[str, Sequence[nn.Parameter]],
-    retain_graph: bool = False,
-) -> Balanced:
-    """Aggregate the tasks' gradients with ``balancer``; returns the surrogate loss and the weights.
-
-    ``losses``: the tasks with labels in this batch on this rank. ``task_params[t]``: the parameters only
-    task ``t`` uses (its head). ``retain_graph``: keep the graph for further terms (extra losses).
-    The Jacobian has a row for every task of ``balancer.task_names`` (zero for the tasks without a loss
-    here); the methods receive the presence mask on the device. The weights returned are those of the
-    tasks in ``losses``.
-    """
-    losses = balancer.prepare_losses(losses)
-    names = balancer.task_names
-    present = _presence(balancer, losses, next(iter(losses.values())).device)
-    scale = context.loss_scale if context.amp_scaled else None  # skip two T x P passes without AMP
-    world = torch.distributed.get_world_size() if is_distributed() else 1
-    own_params = {n: [p for p in task_params.get(n, ()) if p.requires_grad] for n in losses}
-
-    cached = balancer.reusable_weights(present) if balancer.linear else None
-    if cached is not None:
-        # Reuse the weights: backbone gets sum_t w_t g_t from one ordinary backward; heads keep their own
-        # (unweighted) gradient through a correction term on their parameters.
-        weights = {n: cached[names.index(n)] for n in losses}
-        surrogate = sum((weights[n] * losses[n] for n in losses), next(iter(losses.values())).new_zeros(()))
-        for n in losses:
-            params = own_params[n]
-            if params:
-                loss = losses[n] if scale is None else losses[n] * scale
-                plain = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
-                used = [(p, g) for p, g in zip(params, plain) if g is not None]
-                if used:
-                    factor = 1 - weights[n] if scale is None else (1 - weights[n]) / scale
-                    surrogate = surrogate + _fixed_term([p for p, _ in used], [g * factor for _, g in used])
-        return Balanced(loss=surrogate, weights=weights)
-
-    if balancer.mode == "params":
-        shared = context.shared_parameters()
-        if not shared:
-            raise ValueError(
-                "Gradient balancing with mode='params' needs trainable backbone parameters; all are frozen."
-            )
-        cols = sum(p.numel() for p in shared)
-        balancer.check_memory(len(names), cols)
-        jac, own = _task_jacobian(
-            losses,
-            names,
-            shared,
-            own_params,
-            scale,
-            balancer.jacobian == "batched",
-            retain_graph,
-            balancer.workspace(len(names), cols, shared[0].device),
-        )
-        if world > 1:
-            torch.distributed.all_reduce(jac)
-            jac.div_(world)
-        direction, w = _aggregate(balancer, jac, present, world=1)
-        surrogate = _linear_term(shared, direction)
-    else:
-        feats = list({id(f): f for f in context.features if f.requires_grad}.values())
-        if not feats:
-            raise ValueError("Gradient balancing with mode='features' needs features that require grad.")
-        cols = sum(f.numel() for f in feats)
-        balancer.check_memory(len(names), cols)
-        workspace = balancer.workspace(len(names), cols, feats[0].device)
-        # Each head's own gradient comes with its task's row, so the final backward runs through the backbone
-        # only (not through every head a second time, as backpropagating the summed losses would).
-        jac, own = _task_jacobian(
-            losses, names, feats, own_params, scale, balancer.jacobian == "batched", retain_graph, workspace
-        )
-        direction, w = _aggregate(balancer, jac, present, world)
-        surrogate = _linear_term(feats, direction)
-    heads = [(p, hg) for n, hgs in own.items() for p, hg in zip(own_params[n], hgs) if hg is not None]
-    if heads:
-        surrogate = surrogate + _fixed_term([p for p, _ in heads], [hg for _, hg in heads])
-    balancer.remember(present, w)
-    return Balanced(loss=surrogate, weights={n: w[names.index(n)].detach() for n in losses})
-
-
-def _aggregate(balancer: GradientBalancer, jac: Tensor, present: Tensor, world: int) -> tuple[Tensor, Tensor]:
-    """The direction and the weights of ``balancer`` for ``jac`` (a row per task). For a linear method, the
-    weights come from the Gram matrix (``world > 1``: the sum of the ranks' local Grams, each rank's ``jac``
-    holding its own examples), and a single present task gets weight 1: its plain gradient."""
-    if not balancer.linear:
-        return balancer.aggregate(jac, present)
-    if jac.shape[0] == 1:
-        return jac[0].clone(), jac.new_ones(1)  # not a view of the workspace, which the next step rewrites
-    gram = (jac @ jac.T).double()
-    if world > 1:
-        torch.distributed.all_reduce(gram)
-        gram.div_(world**2)
-    w = balancer.weights_from_gram(gram, present).to(jac.dtype)
-    w = torch.where(present.sum() == 1, present.to(w.dtype), w)
-    return w @ jac, w
+def _average_over_ranks(jacobian: Tensor) -> Tensor:
+    """The Jacobian averaged over the DDP ranks, in place (one all-reduce of ``T x P`` floats)."""
+    torch.distributed.all_reduce(jacobian)
+    return jacobian.div_(torch.distributed.get_world_size())

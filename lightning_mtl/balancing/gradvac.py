@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -56,13 +57,9 @@ class GradVac(GradientBalancer):
     def __init__(
         self,
         beta: float = 0.5,
-        mode: str = "params",
-        update_every: int = 1,
-        jacobian: str = "loop",
-        memory_budget_mb: float = 2048.0,
-        seed: int = 0,
+        **options: Any,
     ) -> None:
-        super().__init__(mode, update_every, jacobian, memory_budget_mb, seed)
+        super().__init__(**options)
         if not 0.0 <= beta <= 1.0:
             raise ValueError(f"GradVac: beta must be in [0, 1], got {beta}.")
         self.beta = float(beta)

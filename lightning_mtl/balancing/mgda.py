@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any, ClassVar
+
 import torch
 from torch import Tensor
 
@@ -55,13 +57,9 @@ class MGDA(GradientBalancer):
     def __init__(
         self,
         max_iters: int = IPM_STEPS,
-        mode: str = "params",
-        update_every: int = 1,
-        jacobian: str = "loop",
-        memory_budget_mb: float = 2048.0,
-        seed: int = 0,
+        **options: Any,
     ) -> None:
-        super().__init__(mode, update_every, jacobian, memory_budget_mb, seed)
+        super().__init__(**options)
         if int(max_iters) < 1:
             raise ValueError(f"MGDA: max_iters must be >= 1, got {max_iters}.")
         self.max_iters = int(max_iters)
@@ -102,16 +100,7 @@ class MGDAUB(MGDA):
         'features'
     """
 
-    def __init__(
-        self,
-        max_iters: int = IPM_STEPS,
-        mode: str = "features",
-        update_every: int = 1,
-        jacobian: str = "loop",
-        memory_budget_mb: float = 2048.0,
-        seed: int = 0,
-    ) -> None:
-        super().__init__(max_iters, mode, update_every, jacobian, memory_budget_mb, seed)
+    default_mode: ClassVar[str] = "features"
 
 
 def min_norm_weights(gram: Tensor, present: Tensor, ipm_steps: int = IPM_STEPS) -> Tensor:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -65,13 +65,9 @@ class NashMTL(GradientBalancer):
         self,
         max_norm: float = 1.0,
         newton_steps: int = 8,
-        mode: str = "params",
-        update_every: int = 1,
-        jacobian: str = "loop",
-        memory_budget_mb: float = 2048.0,
-        seed: int = 0,
+        **options: Any,
     ) -> None:
-        super().__init__(mode, update_every, jacobian, memory_budget_mb, seed)
+        super().__init__(**options)
         if not float(max_norm) >= 0:
             raise ValueError(f"NashMTL: max_norm must be >= 0 (0 disables the clipping), got {max_norm}.")
         if int(newton_steps) < 1:

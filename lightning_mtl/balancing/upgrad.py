@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -58,13 +58,9 @@ class UPGrad(GradientBalancer):
         self,
         pref_vector: Mapping[str, float] | None = None,
         reg_eps: float = 1e-4,
-        mode: str = "params",
-        update_every: int = 1,
-        jacobian: str = "loop",
-        memory_budget_mb: float = 2048.0,
-        seed: int = 0,
+        **options: Any,
     ) -> None:
-        super().__init__(mode, update_every, jacobian, memory_budget_mb, seed)
+        super().__init__(**options)
         self.pref_vector = check_preferences(type(self).__name__, pref_vector, nonneg=True)
         self.register_buffer("pref", None, persistent=False)
         if not float(reg_eps) > 0:
