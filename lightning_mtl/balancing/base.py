@@ -335,12 +335,15 @@ class Balancer(nn.Module):
             init = cls.__dict__.get("__init__")
             if init is None:
                 continue
-            for name, param in inspect.signature(init).parameters.items():
+            params = inspect.signature(init).parameters
+            for name, param in params.items():
                 if name in out or name == "self" or param.kind in (param.VAR_KEYWORD, param.VAR_POSITIONAL):
                     continue
                 if hasattr(self, name):
                     value = getattr(self, name)
                     out[name] = list(value) if isinstance(value, tuple) else value
+            if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+                break  # it passes nothing on: the base's arguments are not its own
         return out
 
     def spec(self) -> dict[str, Any]:
