@@ -3,6 +3,7 @@
 #
 #   bash benchmarks/gpu_check.sh
 #
+# 0. cuda_sync_check.py: every balancer's step under torch.cuda.set_sync_debug_mode("warn");
 # 1. step_overhead.py --device cuda, T = 8, every balancer (host syncs, launches, kernels per step);
 # 2. balancer_cost.py --device cuda --workload gpu against TorchJD, T = 2, 8, 32, params mode;
 # 3. fsdp_smoke.py: every balancer x {32-true, bf16-mixed}, 3 steps through FSDPStrategy.
@@ -23,7 +24,7 @@ set -u
 OUT=${OUT:-/tmp/gpu_check_out}
 mkdir -p "$OUT"
 LOG=$OUT/log.txt
-T_STEP=${T_STEP:-150} T_COST=${T_COST:-200} T_FSDP=${T_FSDP:-150}  # seconds per part (8.5 min at most)
+T_SYNC=${T_SYNC:-80} T_STEP=${T_STEP:-130} T_COST=${T_COST:-190} T_FSDP=${T_FSDP:-120}  # seconds per part
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
 started=$(date +%s)
 
@@ -75,6 +76,7 @@ part() {  # part NAME TIMEOUT COMMAND...: stdout to $OUT/NAME.md, stderr to the 
   SUMMARY+=("| $name | $status | $(($(date +%s) - t0)) s | $name.md, $name.json |")
 }
 
+part cuda_sync_check "$T_SYNC" python3 benchmarks/cuda_sync_check.py --steps 3
 part step_overhead "$T_STEP" python3 benchmarks/step_overhead.py --device cuda --tasks 8 --warmup 12 \
   --train-metrics off --json "$OUT/step_overhead.json"
 part balancer_cost "$T_COST" python3 benchmarks/balancer_cost.py --device cuda --workload gpu --compare \
@@ -85,6 +87,9 @@ part fsdp_smoke "$T_FSDP" python3 benchmarks/fsdp_smoke.py --device cuda --modes
 {
   echo "## environment (nvidia-smi and the install in log.txt)"
   grep -E '^(python|torch|lightning|torchmetrics|torchjd|cvxpy|lightning_mtl|cuda|wheel|no .whl)' "$LOG" | cut -c1-160
+  echo
+  echo "## cuda_sync_check (torch.cuda.set_sync_debug_mode)"
+  grep -E '^\||over their allowance|^skip' "$OUT/cuda_sync_check.md"
   echo
   echo "## step_overhead (T = 8, cuda)"
   sed -n '/^## T = /,$p' "$OUT/step_overhead.md"
