@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -244,7 +244,8 @@ class MultiTaskModule(HubMixin, TransferMixin, L.LightningModule):
     def run_heads(self, features: Features, task_names: Sequence[str] | None = None) -> dict[str, Tensor]:
         """Raw head outputs of ``task_names`` (default: every task) for one backbone output."""
         units = self._units()
-        return {n: units[n](features) for n in (task_names or self.tasks)}
+        # unit.forward without nn.Module.__call__: per task and step, its hook machinery is measurable
+        return {n: units[n].forward(features) for n in (task_names or self.tasks)}
 
     @override
     def forward(self, inputs: Any) -> dict[str, Tensor]:
@@ -317,9 +318,9 @@ class MultiTaskModule(HubMixin, TransferMixin, L.LightningModule):
                     f"Task {name!r}, target key {task.target_key!r}: expected a tensor, got {type(target).__name__}."
                 )
             if self._checking:
-                task.kind_obj.check(task, out, target)
+                unit.kind.check(task, out, target)
             else:
-                task.kind_obj.check_shapes(task, out, target)
+                unit.kind.check_shapes(task, out, target)
             loss, count = unit.loss(out, target)
             losses[name] = loss
             self._step_counts[name] = self._step_counts[name] + count if name in self._step_counts else count
@@ -445,9 +446,10 @@ class MultiTaskModule(HubMixin, TransferMixin, L.LightningModule):
             metrics[f"train/extra/{name}"] = value
         return metrics
 
-    def _task_parameters(self) -> dict[str, list[nn.Parameter]]:
-        """The trainable parameters only task ``t`` uses: its head's and, if it has one, its loss module's."""
-        return {name: unit.own_parameters() for name, unit in self._units().items()}
+    def _task_parameters(self) -> Mapping[str, list[nn.Parameter]]:
+        """The trainable parameters only task ``t`` uses (its head's and loss module's), gathered when a
+        balancer or the step first asks for a task's (loss weighting never does)."""
+        return _TaskParameters(self._units())
 
     def _loss_scale(self) -> Tensor:
         """The AMP GradScaler's current scale as a tensor (no host sync), or 1."""
@@ -691,6 +693,25 @@ def _upgrade_state_keys(module: nn.Module, state_dict: dict[str, Any], prefix: s
         new = prefix + _upgraded_key(key[len(prefix) :])
         if new != key and new not in state_dict:
             state_dict[new] = state_dict.pop(key)
+
+
+class _TaskParameters(Mapping[str, list[nn.Parameter]]):
+    """``{task: its own trainable parameters}``, each list gathered on first access."""
+
+    def __init__(self, units: Mapping[str, TaskUnit]) -> None:
+        self._units = units
+        self._cache: dict[str, list[nn.Parameter]] = {}
+
+    def __getitem__(self, name: str) -> list[nn.Parameter]:
+        if name not in self._cache:
+            self._cache[name] = self._units[name].own_parameters()
+        return self._cache[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._units)
+
+    def __len__(self) -> int:
+        return len(self._units)
 
 
 def _batch_keys(batch: Any) -> list[str]:

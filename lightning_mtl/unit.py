@@ -40,6 +40,7 @@ class TaskUnit(nn.Module):
     def __init__(self, task: Task, in_features: int) -> None:
         super().__init__()
         self.task = task
+        self._kind = task.kind_obj
         self.head = create_head(task.head_name, in_features, task.out_features, **task.head_kwargs)
         self.loss_fn = task.build_loss()
         if isinstance(self.loss_fn.fn, nn.Module):  # trained and saved with the unit
@@ -54,7 +55,7 @@ class TaskUnit(nn.Module):
 
     @property
     def kind(self) -> TaskKind:
-        return self.task.kind_obj
+        return self._kind
 
     def select(self, features: Tensor | Mapping[str, Tensor]) -> Tensor:
         """The features this task's head reads: the tensor itself, or ``features[task.feature_key]``."""
@@ -82,8 +83,12 @@ class TaskUnit(nn.Module):
         return total / count.clamp_min(1), count
 
     def own_parameters(self) -> list[nn.Parameter]:
-        """The trainable parameters only this task uses: its head's and its loss module's."""
-        return [p for p in self.parameters() if p.requires_grad]
+        """The trainable parameters only this task uses: its head's and its loss module's (not walking the
+        metric modules, which hold no parameters and are slow to traverse)."""
+        params = list(self.head.parameters())
+        if hasattr(self, "loss_module"):
+            params += list(self.loss_module.parameters())
+        return [p for p in params if p.requires_grad]
 
     # --- metrics ------------------------------------------------------------------------------------
     def collection(self, stage: str) -> MetricCollection:

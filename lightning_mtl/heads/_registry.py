@@ -45,7 +45,6 @@ def create_head(name: str, in_features: int, out_features: int, **kwargs: Any) -
     Example:
         >>> create_head("linear", 8, 3)
         LinearHead(
-          (dropout): Identity()
           (proj): Linear(in_features=8, out_features=3, bias=True)
         )
     """

@@ -19,8 +19,10 @@ class LinearHead(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, dropout: float = 0.0) -> None:
         super().__init__()
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else None
         self.proj = nn.Linear(in_features, out_features)
 
     def forward(self, features: Tensor) -> Tensor:
-        return self.proj(self.dropout(features))
+        if self.dropout is not None:
+            features = self.dropout(features)
+        return self.proj(features)  # type: ignore[no-any-return]

@@ -72,7 +72,7 @@ def test_head_kwargs_are_applied():
     dense = create_head("dense", IN, OUT, hidden=5)
     assert dense.net[0].out_channels == 5
     assert isinstance(create_head("linear", IN, OUT, dropout=0.3).dropout, nn.Dropout)
-    assert isinstance(create_head("linear", IN, OUT).dropout, nn.Identity)
+    assert create_head("linear", IN, OUT).dropout is None  # no dropout module (and no call) at 0
     with pytest.raises(ValueError, match="num_layers >= 1"):
         create_head("mlp", IN, OUT, num_layers=0)
 
