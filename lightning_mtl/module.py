@@ -540,20 +540,6 @@ class MultiTaskModule(HubMixin, TransferMixin, L.LightningModule):
         # The values are already global; sync_dist only averages identical numbers (and silences Lightning's hint).
         self.log_dict(values, on_step=False, on_epoch=True, prog_bar=False, sync_dist=True)
 
-    @staticmethod
-    def _batch_size(batch: Any) -> int:
-        """Examples in a batch (summed over task groups), for Lightning's logging."""
-        if isinstance(batch, Tensor):
-            return int(batch.shape[0]) if batch.dim() else 1
-        if isinstance(batch, Mapping):
-            values = [v for v in batch.values() if v is not None]
-            if values and all(isinstance(v, Mapping) for v in values):
-                return sum(MultiTaskModule._batch_size(v) for v in values)
-            return next((MultiTaskModule._batch_size(v) for v in values if isinstance(v, Tensor)), 1)
-        if isinstance(batch, (tuple, list)) and batch:
-            return MultiTaskModule._batch_size(batch[0])
-        return 1
-
     # --- optimisation -----------------------------------------------------------------------------
     @override
     def configure_optimizers(self) -> Any:

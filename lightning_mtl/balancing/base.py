@@ -273,12 +273,6 @@ class Balancer(nn.Module):
         before and after the update (detached)."""
 
     # --- helpers for subclasses ---------------------------------------------------------------------
-    def index(self, names: Sequence[str] | Mapping[str, Any]) -> Tensor:
-        """Positions of ``names`` in ``self.task_names`` (a long tensor on the balancer's device)."""
-        return torch.tensor([self.task_names.index(n) for n in names], dtype=torch.long).to(
-            self.calls.device, non_blocking=True
-        )
-
     def reduce_per_task(self, values: Tensor, present: Tensor) -> tuple[Tensor, Tensor]:
         """Average per-task values (dense over ``task_names``) over the DDP ranks where each task is present.
 

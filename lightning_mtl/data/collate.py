@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_mtl.kinds.base import as_tensor
 from lightning_mtl.tasks import Task
 
 PAD_ZERO_KEYS = ("attention_mask", "token_type_ids", "special_tokens_mask")
@@ -48,12 +49,12 @@ class MultiTaskCollator:
             if key in self.by_key:
                 batch[key] = self._targets(self.by_key[key], values, width)
             elif key == "input_ids":
-                batch[key] = _pad([_as_tensor(v, key) for v in values], self.pad_token_id)
+                batch[key] = _pad([as_tensor(v, key) for v in values], self.pad_token_id)
             elif key in PAD_ZERO_KEYS:
-                batch[key] = _pad([_as_tensor(v, key) for v in values], 0)
+                batch[key] = _pad([as_tensor(v, key) for v in values], 0)
             elif all(v is not None for v in values):
                 try:
-                    batch[key] = torch.stack([_as_tensor(v, key) for v in values])
+                    batch[key] = torch.stack([as_tensor(v, key) for v in values])
                 except (RuntimeError, TypeError):
                     continue  # strings, ragged metadata: not model inputs
         return batch
@@ -61,17 +62,6 @@ class MultiTaskCollator:
     def _targets(self, task: Task, values: list[Any], width: int) -> Tensor:
         """Stack one task's labels; ``width`` is the padded ``input_ids`` length (token labels match it)."""
         return task.kind_obj.collate(task, values, width)
-
-
-def _as_tensor(value: Any, key: str) -> Tensor:
-    if isinstance(value, Tensor):
-        return value
-    try:
-        return torch.as_tensor(value)
-    except (TypeError, ValueError, RuntimeError) as err:
-        raise TypeError(
-            f"Key {key!r}: cannot make a tensor of {type(value).__name__} {value!r:.60}: {err}"
-        ) from None
 
 
 def _pad(seqs: list[Tensor], value: int, min_length: int = 0) -> Tensor:

@@ -222,13 +222,13 @@ class TaskKind:
         present = [v for v in values if not _is_missing(v)]
         if not present:
             return torch.full(self.missing_shape(task, len(values)), missing, dtype=dtype)
-        template = _as_tensor(present[0], task.target_key)
+        template = as_tensor(present[0], task.target_key)
         rows = []
         for v in values:
             if _is_missing(v):
                 rows.append(torch.full(template.shape, missing, dtype=dtype))
                 continue
-            t = _as_tensor(v, task.target_key)
+            t = as_tensor(v, task.target_key)
             if t.shape != template.shape:
                 raise ValueError(
                     f"Task {task.name!r}, key {task.target_key!r}: labels of different shapes "
@@ -285,7 +285,8 @@ def _is_missing(value: Any) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value))
 
 
-def _as_tensor(value: Any, key: str) -> Tensor:
+def as_tensor(value: Any, key: str) -> Tensor:
+    """``value`` as a tensor, or a ``TypeError`` naming the batch ``key`` it came from."""
     if isinstance(value, Tensor):
         return value
     try:

@@ -16,6 +16,7 @@ from lightning_mtl.kinds.base import (
     Prepared,
     TaskKind,
     TaskLoss,
+    as_tensor,
     missing_mask,
     register_kind,
 )
@@ -100,6 +101,4 @@ class Token(TaskKind):
 
 
 def _as_long(value: Any, key: str) -> Tensor:
-    from lightning_mtl.kinds.base import _as_tensor
-
-    return _as_tensor(value, key).long()
+    return as_tensor(value, key).long()
