@@ -123,8 +123,7 @@ class TaskLosses(Mapping[str, Tensor]):
 
     def detached(self) -> TaskLosses:
         """The same losses cut from the autograd graph (e.g. to compare them after the optimizer step)."""
-        out = TaskLosses({n: v.detach() for n, v in self._losses.items()}, self.task_names, self._counts)
-        return out
+        return TaskLosses({n: v.detach() for n, v in self._losses.items()}, self.task_names, self._counts)
 
 
 @dataclass
@@ -190,6 +189,14 @@ class Balanced:
             self._dict, self._vector = None, weights
             self.task_names = tuple(task_names)
             self.names = tuple(names if names is not None else task_names)
+
+    @classmethod
+    def of(
+        cls, losses: TaskLosses, loss: Tensor, weights: Tensor, objective: Tensor | None = None
+    ) -> Balanced:
+        """The result for one step's ``losses``: ``weights`` dense over ``losses.task_names``, reported for
+        the tasks of the step."""
+        return cls(loss, weights, task_names=losses.task_names, names=tuple(losses), objective=objective)
 
     @property
     def vector(self) -> Tensor:
@@ -353,9 +360,7 @@ class Balancer(nn.Module):
             weights = torch.stack(
                 [torch.as_tensor(weights.get(n, 0.0), dtype=torch.float32) for n in losses.task_names]
             ).to(losses.vector.device)
-        return Balanced(
-            (weights * losses.vector).sum(), weights, task_names=losses.task_names, names=tuple(losses)
-        )
+        return Balanced.of(losses, (weights * losses.vector).sum(), weights)
 
 
 def is_distributed() -> bool:

@@ -21,6 +21,4 @@ class EqualWeighting(Balancer):
 
     def forward(self, losses: TaskLosses, context: StepContext | None = None) -> Balanced:
         vector = losses.vector
-        return Balanced(
-            vector.sum(), vector.new_ones(vector.shape), task_names=losses.task_names, names=tuple(losses)
-        )
+        return Balanced.of(losses, vector.sum(), vector.new_ones(vector.shape))

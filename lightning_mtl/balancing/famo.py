@@ -108,7 +108,7 @@ class FAMO(Balancer):
         c = (z / shifted.detach()).sum().clamp_min(torch.finfo(torch.float32).tiny)
         total = (z * torch.log(shifted)).sum() / c
         weights = z / (c * shifted.detach())
-        return Balanced(total, weights, task_names=losses.task_names, names=tuple(losses))
+        return Balanced.of(losses, total, weights)
 
     @torch.no_grad()
     def after_step(self, before: Mapping[str, Tensor], after: Mapping[str, Tensor]) -> None:

@@ -42,4 +42,4 @@ class GeometricLossStrategy(Balancer):
         implied = torch.where(
             positive, total.detach() / (count * torch.where(positive, values, torch.ones_like(values))), 0.0
         ).detach()
-        return Balanced(total, implied, task_names=losses.task_names, names=tuple(losses))
+        return Balanced.of(losses, total, implied)

@@ -175,7 +175,7 @@ class GradientBalancer(Balancer):
         if cached is not None:  # update_every: one ordinary backward with the last weights
             reused = {n: cached[names.index(n)] for n in prepared}
             surrogate = reuse_step(prepared, reused, own, scale)
-            return Balanced(surrogate, cached, task_names=names, names=tuple(losses), objective=objective)
+            return Balanced.of(losses, surrogate, cached, objective)
 
         world = torch.distributed.get_world_size() if is_distributed() else 1
         if self.mode == "params":
@@ -206,9 +206,7 @@ class GradientBalancer(Balancer):
             reduce=reduce,
         )
         self.remember(present, weights)
-        return Balanced(
-            surrogate, weights.detach(), task_names=names, names=tuple(losses), objective=objective
-        )
+        return Balanced.of(losses, surrogate, weights.detach(), objective)
 
     def combine(self, jacobian: Tensor, present: Tensor, world: int = 1) -> tuple[Tensor, Tensor]:
         """The direction and the weights for ``jacobian`` (a row per task). For a linear method the weights

@@ -130,4 +130,4 @@ class GradNorm(Balancer):
 
         w = self.weights.to(losses.vector.device).float()
         total = (w.detach() * losses.vector).sum() + grad_loss.to(losses.vector.device)
-        return Balanced(total, w.detach() * losses.present, task_names=losses.task_names, names=tuple(losses))
+        return Balanced.of(losses, total, w.detach() * losses.present)

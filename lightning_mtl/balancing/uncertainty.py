@@ -48,4 +48,4 @@ class UncertaintyWeighting(Balancer):
         weights = 0.5 * torch.exp(-s)
         # Tasks without a label in this step add nothing (not even their 0.5 s_t regulariser).
         total = torch.where(losses.present, weights * losses.vector + 0.5 * s, 0.0).sum()
-        return Balanced(total, weights.detach(), task_names=losses.task_names, names=tuple(losses))
+        return Balanced.of(losses, total, weights.detach())

@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader
 from lightning_mtl import MultiTaskModule, Task, list_balancers, register_balancer
 from lightning_mtl.backbones import MLPBackbone
 from lightning_mtl.balancing import Balanced, Balancer, EqualWeighting, StaticWeighting, create_balancer
+from lightning_mtl.balancing.base import TaskLosses
 
 _counter = itertools.count()
 
@@ -269,3 +270,13 @@ def test_zero_weight_task_is_ignored_by_training():
     steps = [m for _, m in logger.history if "train/loss" in m]
     assert len(steps) == 3 and trainer.global_step == 3
     assert all(m["weights/off"] == 0.0 and m["weights/on"] == 1.0 for m in steps)
+
+
+def test_balanced_takes_weights_as_a_tensor_or_a_dict():
+    """A balancer of the earlier API returns ``Balanced(loss, {task: weight})``: the module still reads a
+    dense vector from it (0 for a task it gave no weight), and the dense form reads back as a dict."""
+    as_dict = Balanced(torch.tensor(3.0), {"a": torch.tensor(0.5)}, task_names=("a", "b"))
+    assert as_dict.vector.tolist() == [0.5, 0.0] and list(as_dict.weights) == ["a"]
+    losses = TaskLosses({"b": torch.tensor(2.0)}, ["a", "b"])
+    dense = Balanced.of(losses, torch.tensor(2.0), torch.tensor([0.0, 1.5]))
+    assert dense.weights == {"b": torch.tensor(1.5)} and torch.equal(dense.objective, dense.loss)
