@@ -11,6 +11,7 @@ from lightning_mtl.data import MultiTaskDataModule
 from lightning_mtl.heads import list_heads, register_head
 from lightning_mtl.kinds import list_kinds, register_kind
 from lightning_mtl.module import MultiTaskModule
+from lightning_mtl.specs import trust, trusted, untrust
 from lightning_mtl.tasks import Task
 
 __version__ = "0.1.0"
@@ -27,4 +28,7 @@ __all__ = [
     "register_balancer",
     "register_head",
     "register_kind",
+    "trust",
+    "trusted",
+    "untrust",
 ]

@@ -73,18 +73,3 @@ def import_object(class_path: str) -> Any:
         return getattr(module, attr)
     except (ImportError, AttributeError) as err:
         raise ImportError(f"Cannot import {class_path!r}: {err}") from err
-
-
-def build_from_spec(spec: dict[str, Any], what: str) -> Any:
-    """Instantiate a LightningCLI-style ``{"class_path": ..., "init_args": {...}}`` spec.
-
-    Example:
-        >>> build_from_spec({"class_path": "torch.nn.Identity"}, "layer")
-        Identity()
-    """
-    if not isinstance(spec, dict) or "class_path" not in spec:
-        raise TypeError(
-            f"{what}: expected a dict with 'class_path' (and optional 'init_args'), got {spec!r}."
-        )
-    cls = import_object(spec["class_path"])
-    return cls(**dict(spec.get("init_args") or {}))

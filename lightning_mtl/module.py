@@ -13,10 +13,10 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_mtl._registry import build_from_spec
 from lightning_mtl.balancing import Balancer, create_balancer
 from lightning_mtl.balancing.base import Balanced, StepContext, TaskLosses
 from lightning_mtl.hub import HubMixin
+from lightning_mtl.specs import build_from_spec
 from lightning_mtl.tasks import STAGES, Task
 from lightning_mtl.transfer import TransferMixin
 from lightning_mtl.unit import TaskUnit
@@ -174,10 +174,7 @@ class MultiTaskModule(HubMixin, TransferMixin, L.LightningModule):
                 "or give the backbone a `spec()` method returning {'class_path': ..., 'init_args': ...}."
             )
         if isinstance(backbone, Mapping):
-            module = build_from_spec(dict(backbone), "backbone")
-            if not isinstance(module, nn.Module):
-                raise TypeError(f"backbone spec built {type(module).__name__}, which is not an nn.Module.")
-            return module, dict(backbone)
+            return build_from_spec(backbone, nn.Module, "backbone"), dict(backbone)
         if not isinstance(backbone, nn.Module):
             raise TypeError(
                 f"backbone must be an nn.Module or a class_path spec, got {type(backbone).__name__}."

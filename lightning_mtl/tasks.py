@@ -8,10 +8,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from torch import Tensor, nn
-from torchmetrics import MetricCollection
+from torchmetrics import Metric, MetricCollection
 
-from lightning_mtl._registry import build_from_spec
 from lightning_mtl.kinds import LOSSES, TaskKind, TaskLoss, get_kind, list_kinds
+from lightning_mtl.specs import build_from_spec
 
 STAGES = ("train", "val", "test")
 """The splits that get their own metrics per task."""
@@ -117,10 +117,7 @@ class Task:
         if self.loss is None or isinstance(self.loss, str):
             name = self.loss or self.kind_obj.default_loss
             return TaskLoss(LOSSES[name], name)
-        module = build_from_spec(self.loss, f"Task {self.name!r} loss")
-        if not isinstance(module, nn.Module) and not callable(module):
-            raise TypeError(f"Task {self.name!r}: loss spec built {module!r}, which is not callable.")
-        return TaskLoss(module)
+        return TaskLoss(build_from_spec(self.loss, nn.Module, f"Task {self.name!r} loss"))
 
     def build_metrics(self) -> MetricCollection:
         """A fresh torchmetrics collection for one split."""
@@ -129,7 +126,10 @@ class Task:
             return MetricCollection({k: f() for k, f in presets.items()})
         if isinstance(self.metrics, Mapping):
             return MetricCollection(
-                {k: build_from_spec(v, f"Task {self.name!r} metric {k!r}") for k, v in self.metrics.items()}
+                {
+                    k: build_from_spec(v, Metric, f"Task {self.name!r} metric {k!r}")
+                    for k, v in self.metrics.items()
+                }
             )
         unknown = [m for m in self.metrics if m not in presets]
         if unknown:

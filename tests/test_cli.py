@@ -240,6 +240,7 @@ def test_predict_images_without_pillow_is_a_clear_error(env, capsys, tmp_path, m
 
 def test_predict_images_builds_a_normalised_batch(env, capsys, tmp_path, monkeypatch):
     """Image decoding is Pillow's; this checks our part (modes, layout, scaling) with a stand-in."""
+    monkeypatch.setenv("LIGHTNING_MTL_TRUSTED", "conftest")  # the backbone class lives in the tests
     pixels = {
         "a.png": np.arange(12, dtype=np.uint8).reshape(3, 4) * 20,
         "b.png": np.full((3, 4), 255, dtype=np.uint8),

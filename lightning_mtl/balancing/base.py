@@ -43,7 +43,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from lightning_mtl._registry import Registry, build_from_spec
+from lightning_mtl._registry import Registry
+from lightning_mtl.specs import build_from_spec
 
 if TYPE_CHECKING:
     from lightning_mtl.tasks import Task
@@ -413,7 +414,4 @@ def create_balancer(balancer: str | Mapping[str, Any] | Balancer | None) -> Bala
     if isinstance(balancer, Mapping) and "name" in balancer:
         kwargs = {k: v for k, v in balancer.items() if k != "name"}
         return BALANCER_REGISTRY.get(balancer["name"])(**kwargs)
-    built = build_from_spec(dict(balancer), "balancer")
-    if not isinstance(built, Balancer):
-        raise TypeError(f"balancer spec built {type(built).__name__}, which is not a lightning_mtl Balancer.")
-    return built
+    return build_from_spec(balancer, Balancer, "balancer")

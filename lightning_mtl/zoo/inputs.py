@@ -11,7 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from lightning_mtl._registry import import_object
+from torch import nn
+
+from lightning_mtl.specs import resolve_class
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
@@ -39,7 +41,7 @@ def read_inputs(
     who = f"model {model!r}" if model else "this model"
     backbone = (config.get("hparams") or {}).get("backbone") or {}
     try:
-        cls = import_object(str(backbone.get("class_path")))
+        cls = resolve_class(backbone.get("class_path"), nn.Module, f"{who}'s backbone")
     except (ImportError, ValueError):
         cls = None
     # What the backbone's `preprocess` reads: "text" unless the class says otherwise (e.g. "table").

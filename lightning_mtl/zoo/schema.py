@@ -7,14 +7,12 @@ weights are not shipped, the recipe that produces them. Each problem names the f
 
 from __future__ import annotations
 
-import inspect
 import json
 import math
 import re
 from pathlib import Path
 from typing import Any
 
-from lightning_mtl._registry import import_object
 from lightning_mtl.hub import (
     CARD_NAME,
     CONFIG_NAME,
@@ -23,6 +21,7 @@ from lightning_mtl.hub import (
     WEIGHTS_NAME,
     _read_header,
 )
+from lightning_mtl.specs import resolve_class
 
 REQUIRED_KEYS = (
     "schema_version",
@@ -86,15 +85,12 @@ def _check_header(config: dict[str, Any], problems: list[str]) -> None:
         problems.append(f"library: must be {{'name': {LIBRARY_NAME!r}, 'version': ...}}, got {library!r}")
     module_class = config.get("module_class")
     if "module_class" in config:
-        try:
-            cls = import_object(str(module_class))
-        except (ImportError, ValueError) as err:
-            problems.append(f"module_class: {err}")
-        else:
-            from lightning_mtl.module import MultiTaskModule
+        from lightning_mtl.module import MultiTaskModule
 
-            if not (inspect.isclass(cls) and issubclass(cls, MultiTaskModule)):
-                problems.append(f"module_class: {module_class!r} is not a MultiTaskModule subclass")
+        try:
+            resolve_class(module_class, MultiTaskModule, "module_class")
+        except (ImportError, ValueError) as err:
+            problems.append(str(err))
 
 
 def _check_tasks(hparams: Any, problems: list[str]) -> list[str]:

@@ -140,7 +140,9 @@ def test_create_balancer_from_spec_dicts():
     by_name = create_balancer({"name": "static", "weights": {"a": 3.0}})
     assert type(by_name) is StaticWeighting and by_name.weights == {"a": 3.0}
     assert type(create_balancer({"class_path": "lightning_mtl.balancing.EqualWeighting"})) is EqualWeighting
-    with pytest.raises(TypeError, match="balancer spec built Linear, which is not a lightning_mtl Balancer"):
+    with pytest.raises(
+        ValueError, match=r"'torch.nn.Linear' is not a subclass of .*Balancer; it was not called"
+    ):
         create_balancer({"class_path": "torch.nn.Linear", "init_args": {"in_features": 1, "out_features": 1}})
 
 

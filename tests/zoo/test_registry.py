@@ -274,7 +274,10 @@ SCHEMA_CASES = {
     "missing key": (lambda c: c.pop("card"), "card: missing"),
     "newer schema": (_set("schema_version", 99), "schema_version: must be an integer from 1"),
     "other library": (_set("library", "name", "timm"), "library: must be"),
-    "module class": (_set("module_class", "torch.nn.Linear"), "not a MultiTaskModule subclass"),
+    "module class": (
+        _set("module_class", "torch.nn.Linear"),
+        "is not a subclass of lightning_mtl.module.MultiTaskModule",
+    ),
     "bad kind": (
         _set("hparams", "tasks", 0, "kind", "binery"),
         "hparams.tasks[0].kind: unknown kind 'binery'",
