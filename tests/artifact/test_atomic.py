@@ -124,3 +124,13 @@ def test_leftovers_of_a_live_save_and_foreign_folders_are_kept(tmp_path):
     assert live.is_dir() and (foreign / "notes.txt").read_text() == "precious"
     assert not dead.exists()
     assert set(load_file(target / "model.safetensors")) == set(tiny(1).state_dict())
+
+
+def test_the_zoo_recovers_an_artifact_left_renamed_away(tmp_path):
+    from lightning_mtl import zoo
+
+    target = save_pretrained(tiny(0), tmp_path / "model")
+    os.rename(target, tmp_path / ".model.old-999999999-0123abcd")  # killed between the two renames
+    entry = zoo.get_entry(str(target))
+    assert entry.folder == target and same_weights(zoo.load(entry), tiny(0))
+    assert leftovers(tmp_path) == []
