@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import fnmatch
-import importlib
 from collections.abc import Callable
-from typing import Any, Generic, TypeVar
+from typing import Generic, TypeVar
 
 T = TypeVar("T")
 
@@ -56,20 +55,3 @@ class Registry(Generic[T]):
 
     def __contains__(self, name: object) -> bool:
         return name in self._entries
-
-
-def import_object(class_path: str) -> Any:
-    """Import ``"package.module.Name"`` and return ``Name``.
-
-    Example:
-        >>> import_object("torch.nn.Linear").__name__
-        'Linear'
-    """
-    module_name, _, attr = class_path.rpartition(".")
-    if not module_name:
-        raise ValueError(f"Expected a dotted 'package.module.Class' path, got {class_path!r}.")
-    try:
-        module = importlib.import_module(module_name)
-        return getattr(module, attr)
-    except (ImportError, AttributeError) as err:
-        raise ImportError(f"Cannot import {class_path!r}: {err}") from err

@@ -30,7 +30,7 @@ import re
 import sys
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 T = TypeVar("T")
 
@@ -161,7 +161,7 @@ def resolve_class(class_path: Any, base: type[T] | tuple[type, ...], what: str) 
         )
     if not issubclass(obj, bases):
         raise _refusal(what, class_path, f"is not a subclass of {expected}; it was not called.")
-    return obj
+    return cast("type[T]", obj)
 
 
 def build_from_spec(spec: Any, base: type[T] | tuple[type, ...], what: str) -> T:

@@ -18,7 +18,8 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 from transformers import BertConfig
 
-from lightning_mtl import MultiTaskModule, Task, __version__, hub
+from lightning_mtl import MultiTaskModule, Task, __version__
+from lightning_mtl.artifact import _files, _save
 from lightning_mtl.backbones import PACKAGED_MINILM, HFEncoder
 from lightning_mtl.hub import (
     SCHEMA_VERSION,
@@ -387,7 +388,7 @@ def test_config_cannot_call_arbitrary_callables(tmp_path, artifact):
         }
 
     edit_config(artifact, hostile)
-    with pytest.raises(ArtifactError, match=r"is not an nn\.Module class"):
+    with pytest.raises(ArtifactError, match=r"'subprocess.run' is outside the trusted packages"):
         from_pretrained(artifact)
     assert not marker.exists()
 
@@ -402,7 +403,7 @@ def test_interrupted_first_save_leaves_nothing(tmp_path, boring_module, monkeypa
     def boom(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(hub, "_render_card", boom)  # after model.safetensors and config.json are written
+    monkeypatch.setattr(_save, "_render_card", boom)  # after model.safetensors and config.json are written
     with pytest.raises(RuntimeError, match="disk full"):
         save_pretrained(boring_module, tmp_path / "m")
     assert not (tmp_path / "m").exists()
@@ -416,21 +417,23 @@ def test_interrupted_resave_keeps_the_previous_artifact(tmp_path, artifact, bori
     def boom(*args, **kwargs):
         raise RuntimeError("killed")
 
-    monkeypatch.setattr(hub, "_render_card", boom)
+    monkeypatch.setattr(_save, "_render_card", boom)
     with pytest.raises(RuntimeError, match="killed"):
         save_pretrained(boring_module, artifact)
     assert {p.name: p.read_bytes() for p in artifact.iterdir()} == before
     assert leftovers(tmp_path) == []
     monkeypatch.undo()
 
-    real_replace = hub.os.replace
+    real_rename = _files.os.rename
 
     def failing_final_rename(src, dst):
         if ".tmp-" in str(src):
             raise OSError("rename failed")
-        real_replace(src, dst)
+        real_rename(src, dst)
 
-    monkeypatch.setattr(hub.os, "replace", failing_final_rename)
+    # The rename-away/rename-in path (no atomic exchange): a failing second rename puts the old one back.
+    monkeypatch.setattr(_files, "exchange", lambda a, b: False)
+    monkeypatch.setattr(_files.os, "rename", failing_final_rename)
     with pytest.raises(OSError, match="rename failed"):
         save_pretrained(boring_module, artifact)
     monkeypatch.undo()

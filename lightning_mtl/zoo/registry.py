@@ -20,16 +20,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import lightning_mtl
-from lightning_mtl.hub import (
-    _HUB_ID,
+from lightning_mtl.artifact import (
     CONFIG_NAME,
     PICKLE_SUFFIXES,
     WEIGHTS_NAME,
+    ArtifactConfig,
     ArtifactError,
-    _read_config,
-    _read_header,
     from_pretrained,
 )
+from lightning_mtl.artifact._files import recover
+from lightning_mtl.artifact._layout import HUB_ID as _HUB_ID
+from lightning_mtl.artifact._tensors import _read_header
 
 if TYPE_CHECKING:
     from lightning_mtl.module import MultiTaskModule
@@ -77,10 +78,14 @@ class ZooEntry:
         return None if folder is None else (folder / WEIGHTS_NAME).is_file()
 
     def config(self) -> dict[str, Any]:
-        """The parsed ``config.json`` (for a hub id, only that file is downloaded)."""
+        """The parsed ``config.json`` as JSON (for a hub id, only that file is downloaded)."""
+        return self.artifact_config().to_dict()
+
+    def artifact_config(self) -> ArtifactConfig:
+        """The entry's ``config.json``, checked as loading checks it (for a hub id, only that file is downloaded)."""
         folder = self.folder
         if folder is not None:
-            return _read_config(folder / CONFIG_NAME)
+            return ArtifactConfig.read(folder / CONFIG_NAME)
         from huggingface_hub import hf_hub_download
 
         try:
@@ -90,7 +95,7 @@ class ZooEntry:
                 self.ref,
                 f"not a local folder, and fetching its {CONFIG_NAME} from the Hugging Face Hub failed: {err}",
             ) from err
-        return _read_config(Path(path))
+        return ArtifactConfig.read(Path(path))
 
 
 # --- where entries come from -----------------------------------------------------------------------
@@ -190,7 +195,7 @@ def get_entry(name_or_ref: Ref | ZooEntry) -> ZooEntry:
         if path.is_dir():
             return ZooEntry(path.name, str(path), "path")
         raise UnknownModelError(_unknown_message(text, sorted(entries)))
-    if path.is_dir():
+    if path.is_dir() or recover(path):  # recover: a save killed between its two renames
         return ZooEntry(path.resolve().name, str(path), "path")
     if isinstance(name_or_ref, str) and _HUB_ID.match(text) and not text.startswith("."):
         return ZooEntry(text, text, "hub", remote=True)
@@ -271,11 +276,10 @@ def describe(name_or_ref: Ref | ZooEntry) -> dict[str, Any]:
     tensors of a ``trainable_only`` artifact); it is ``None`` when the weights file is not present.
     """
     entry = get_entry(name_or_ref)
-    config = entry.config()
-    card = config.get("card") or {}
-    weights = config.get("weights") or {}
-    base = config.get("base")
-    tasks = (config.get("hparams") or {}).get("tasks") or []
+    config = entry.artifact_config()
+    card = config.card
+    base = config.base
+    tasks = config.hparams.get("tasks") or []
     folder = entry.folder
     return {
         "name": entry.name,
@@ -285,10 +289,10 @@ def describe(name_or_ref: Ref | ZooEntry) -> dict[str, Any]:
         "path": str(folder.resolve()) if folder is not None else None,
         "weights_present": entry.has_weights,
         "tasks": [{"name": t.get("name"), "kind": t.get("kind"), "labels": t.get("labels")} for t in tasks],
-        "metrics": config.get("metrics") or {},
-        "size_bytes": weights.get("bytes"),
+        "metrics": config.metrics,
+        "size_bytes": config.weights.bytes,
         "parameters": _count_parameters(entry, base),
-        "dtype": weights.get("dtype"),
+        "dtype": config.weights.dtype,
         "license": card.get("license"),
         "datasets": card.get("datasets") or [],
         "recipe": card.get("recipe"),
@@ -298,7 +302,7 @@ def describe(name_or_ref: Ref | ZooEntry) -> dict[str, Any]:
         "tags": card.get("tags") or [],
         "language": card.get("language") or [],
         "base": base.get("ref") if isinstance(base, dict) else None,
-        "library_version": (config.get("library") or {}).get("version"),
+        "library_version": config.library.get("version"),
     }
 
 
@@ -332,7 +336,7 @@ def load(name_or_ref: Ref | ZooEntry, **kwargs: Any) -> MultiTaskModule:
 
 def _missing_weights_message(entry: ZooEntry) -> str:
     try:
-        recipe = (entry.config().get("card") or {}).get("recipe")
+        recipe = entry.artifact_config().card.get("recipe")
     except ArtifactError:
         recipe = None
     if isinstance(recipe, dict):

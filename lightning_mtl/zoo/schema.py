@@ -7,20 +7,21 @@ weights are not shipped, the recipe that produces them. Each problem names the f
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from pathlib import Path
 from typing import Any
 
-from lightning_mtl.hub import (
+from lightning_mtl.artifact import (
     CARD_NAME,
     CONFIG_NAME,
     LIBRARY_NAME,
     SCHEMA_VERSION,
     WEIGHTS_NAME,
-    _read_header,
+    ArtifactError,
+    read_json,
 )
+from lightning_mtl.artifact._tensors import _read_header
 from lightning_mtl.specs import resolve_class
 
 REQUIRED_KEYS = (
@@ -43,7 +44,7 @@ def validate_entry(path: str | Path) -> list[str]:
         >>> import tempfile
         >>> from lightning_mtl import MultiTaskModule, Task
         >>> from lightning_mtl.backbones import MLPBackbone
-        >>> from lightning_mtl.hub import save_pretrained
+        >>> from lightning_mtl.artifact import save_pretrained
         >>> module = MultiTaskModule(MLPBackbone(4, hidden=(8,)), [Task("stay", kind="regression")])
         >>> folder = save_pretrained(module, Path(tempfile.mkdtemp()) / "stay", metrics={"stay": {"mae": 1.5}})
         >>> validate_entry(folder)
@@ -52,15 +53,10 @@ def validate_entry(path: str | Path) -> list[str]:
     folder = Path(path)
     if not folder.is_dir():
         return [f"{folder}: not a directory"]
-    config_path = folder / CONFIG_NAME
-    if not config_path.is_file():
-        return [f"{CONFIG_NAME}: missing"]
     try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        return [f"{CONFIG_NAME}: not valid JSON ({err})"]
-    if not isinstance(config, dict):
-        return [f"{CONFIG_NAME}: must hold a JSON object, got {type(config).__name__}"]
+        config = read_json(folder / CONFIG_NAME)  # the reader loading uses
+    except ArtifactError as err:
+        return [f"{CONFIG_NAME}: {err.problem}"]
 
     problems = [f"{key}: missing" for key in REQUIRED_KEYS if key not in config]
     _check_header(config, problems)

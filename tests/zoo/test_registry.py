@@ -314,7 +314,7 @@ def test_validate_entry_catches_each_config_problem(isolated, tmp_path, case):
     [
         ("no-weights-no-recipe", "no recipe says how to produce it"),
         ("no-readme", "README.md: missing"),
-        ("bad-json", "config.json: not valid JSON"),
+        ("bad-json", "config.json: is not valid JSON"),
     ],
 )
 def test_validate_entry_catches_file_problems(isolated, tmp_path, damage, expected):
