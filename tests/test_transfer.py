@@ -11,6 +11,9 @@ from torch.utils.data import DataLoader
 
 from lightning_mtl import MultiTaskModule, Task
 from lightning_mtl.backbones import MLPBackbone
+from lightning_mtl.balancing import create_balancer, list_balancers
+from lightning_mtl.balancing.base import BALANCER_REGISTRY
+from lightning_mtl.balancing.gradient import MODES, GradientBalancer
 from lightning_mtl.balancing.static import StaticWeighting
 from lightning_mtl.hub import from_pretrained, save_pretrained
 
@@ -258,3 +261,44 @@ def test_freeze_all_but(trained):
     assert trainable == {f"units.stay.head.{n}" for n, _ in trained.heads["stay"].named_parameters()}
     with pytest.raises(KeyError, match="Unknown task"):
         trained.freeze_all_but(["nope"])
+
+
+# --- transfer with a gradient balancer ------------------------------------------------------------------
+def gradient_variants() -> list[tuple[str, str]]:
+    """Every registered gradient method with every ``mode`` it supports (a new method is tested for free)."""
+    out = []
+    for name in list_balancers():
+        cls = BALANCER_REGISTRY.get(name)
+        if name.startswith("doc_") or not issubclass(cls, GradientBalancer):
+            continue
+        out += [(name, mode) for mode in MODES if mode == "params" or cls.supports_features]
+    return out
+
+
+def all_data(n: int = 64, seed: int = 1) -> dict[str, torch.Tensor]:
+    """Inputs with labels for the old tasks and the new one, so that several tasks meet in every step."""
+    data = toy_tabular(n, seed=seed)
+    return {"x": data["x"], "risk": data["risk"], "stay": data["stay"], "new": data["group"]}
+
+
+@pytest.mark.parametrize("freeze", [True, "backbone"])
+@pytest.mark.parametrize(
+    ("name", "mode"), gradient_variants(), ids=[f"{n}-{m}" for n, m in gradient_variants()]
+)
+def test_gradient_balancer_trains_a_task_added_with_a_frozen_backbone(name, mode, freeze):
+    module = build(balancer=create_balancer({"name": name, "mode": mode}))
+    old_data = {k: v for k, v in all_data(seed=2).items() if k != "new"}
+    fit(module, DataLoader(DictDataset(old_data), batch_size=32), steps=2)  # trained with it
+    module.add_task(new_task(), freeze=freeze)
+    backbone = snapshot(module, "backbone.")
+    old_heads = {n: snapshot(module, f"units.{n}.head.") for n in OLD}
+    new_head = snapshot(module, "units.new.head.")
+
+    trainer = fit(module, DataLoader(DictDataset(all_data()), batch_size=32), steps=3)
+
+    assert math.isfinite(float(trainer.callback_metrics["train/loss"]))
+    assert not unchanged(new_head, module)  # the new head trained
+    assert unchanged(backbone, module)  # bitwise: the frozen backbone got no update
+    for n in OLD:  # freeze=True: the old heads are frozen too; "backbone": they keep training
+        assert unchanged(old_heads[n], module) == (freeze is True), n
+    assert module.balancer.step_count == 5
