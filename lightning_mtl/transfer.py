@@ -1,4 +1,4 @@
-"""Transfer learning on a trained multi-task module: add, remove and isolate tasks.
+"""Transfer learning on a trained multi-task module: add, remove and isolate tasks, change the balancer.
 
 Mixed into :class:`~lightning_mtl.MultiTaskModule`; kept apart so the module itself stays small.
 """
@@ -11,15 +11,15 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from lightning_mtl.balancing import Balancer, create_balancer
 from lightning_mtl.tasks import Task
 
 if TYPE_CHECKING:
-    from lightning_mtl.balancing import Balancer
     from lightning_mtl.unit import TaskUnit
 
 
 class TransferMixin:
-    """``add_task`` / ``remove_task`` / ``freeze_all_but`` for :class:`~lightning_mtl.MultiTaskModule`."""
+    """``add_task`` / ``remove_task`` / ``freeze_all_but`` / ``set_balancer`` for :class:`~lightning_mtl.MultiTaskModule`."""
 
     # provided by MultiTaskModule
     tasks: dict[str, Task]
@@ -51,6 +51,11 @@ class TransferMixin:
         Freezing is not saved: a reloaded module trains everything again. If anything fails (e.g. a
         balancer with explicit per-task weights), the module is left unchanged.
 
+        With a frozen backbone a gradient balancer (``pcgrad``, ``upgrad``, ...) has no shared gradient to
+        aggregate: each head trains on its own task's loss (weight 1). A balancer that needs a trainable
+        shared network (``gradnorm``) is refused at once with ``freeze=True``/``"backbone"``; change it first
+        with :meth:`set_balancer`.
+
         Example:
             >>> from lightning_mtl import MultiTaskModule
             >>> from lightning_mtl.backbones import MLPBackbone
@@ -66,6 +71,13 @@ class TransferMixin:
         new = Task.coerce(task)
         if new.name in self.tasks:
             raise ValueError(f"Task {new.name!r} already exists; the tasks are {list(self.tasks)}.")
+        if freeze is not False:
+            self._check_frozen_backbone(
+                self.balancer,
+                f"add_task({new.name!r}, freeze={freeze!r}) freezes the whole backbone",
+                "Change the balancer first, e.g. module.set_balancer('equal') (or any gradient method: with a "
+                "frozen backbone each head trains on its own loss), or add the task with freeze=False.",
+            )
         device, dtype = self._parameter_placement()
         unit = self._build_unit(new)
         unit.to(device=device)
@@ -121,9 +133,61 @@ class TransferMixin:
         unknown = [n for n in names if n not in self.tasks]
         if unknown:
             raise KeyError(f"Unknown task(s) {unknown}; the tasks are {list(self.tasks)}.")
+        self._check_frozen_backbone(
+            self.balancer,
+            f"freeze_all_but({names}) freezes the whole backbone",
+            "Change the balancer first, e.g. module.set_balancer('equal').",
+        )
         self.backbone.requires_grad_(False)
         for n, unit in self.units.items():
             unit.requires_grad_(n in names)
+
+    def set_balancer(self, balancer: str | Mapping[str, Any] | Balancer | None) -> None:
+        """Replace the balancer: a registered name, a ``{"name": ..., **kwargs}`` or ``{"class_path",
+        "init_args"}`` spec, an instance, or ``None`` (``static``), as the constructor's ``balancer=``.
+
+        The new balancer is set up for the module's tasks with its step state reset (step counter 0; a name
+        or spec builds a fresh one), moved to the module's device, and ``hparams["balancer"]`` records it, so
+        checkpoints and :meth:`save_pretrained` artifacts written afterwards reload with it. Call it between
+        fits (the optimizer, which trains a balancer's own parameters, is built by ``trainer.fit``). If the
+        balancer cannot serve the module (e.g. explicit weights missing a task, or ``gradnorm`` with a frozen
+        backbone), it raises and the module keeps its balancer.
+
+        Example:
+            >>> from lightning_mtl import MultiTaskModule
+            >>> from lightning_mtl.backbones import MLPBackbone
+            >>> tasks = [Task("stay", kind="regression"), Task("cost", kind="regression")]
+            >>> module = MultiTaskModule(MLPBackbone(4, hidden=(8,)), tasks, balancer="pcgrad")
+            >>> module.set_balancer({"name": "cagrad", "c": 0.4})
+            >>> type(module.balancer).__name__, module.balancer.task_names, module.hparams["balancer"]
+            ('CAGrad', ['stay', 'cost'], {'name': 'cagrad', 'c': 0.4})
+        """
+        new = create_balancer(balancer)
+        given = balancer if isinstance(balancer, (str, type(None))) else type(balancer).__name__
+        if not any(p.requires_grad for p in self.backbone.parameters()):
+            self._check_frozen_backbone(
+                new,
+                f"set_balancer({given!r}): every backbone parameter is frozen",
+                "Unfreeze the backbone first (module.unfreeze()), or choose another balancer, e.g. 'equal'.",
+            )
+        new.setup(list(self.tasks.values()))  # raises before anything changes
+        new.set_step_count(0)
+        new.to(self._parameter_placement()[0])
+        self.balancer = new
+        if isinstance(balancer, Balancer):
+            self.hparams["balancer"] = balancer.spec()
+        else:
+            self.hparams["balancer"] = dict(balancer) if isinstance(balancer, Mapping) else balancer
+
+    @staticmethod
+    def _check_frozen_backbone(balancer: Balancer, what: str, fix: str) -> None:
+        """Refuse a frozen backbone for a balancer that needs trainable shared parameters (GradNorm)."""
+        if balancer.needs_shared_gradients:
+            name = balancer.registry_name or type(balancer).__name__
+            raise ValueError(
+                f"{what}, but balancer {name!r} ({type(balancer).__name__}) measures the tasks' gradients at "
+                f"the trainable shared network: with the backbone frozen it has nothing to balance. {fix}"
+            )
 
     def _setup_balancer(self, tasks: list[Task]) -> None:
         """Set the balancer up for ``tasks``; on failure set it up again for the current tasks and re-raise."""

@@ -84,6 +84,25 @@ def test_every_balancer_steps_without_host_reads(name, kwargs):
     assert spy.count <= 3 * ALLOWED.get(name, 0), dict(spy.sites)
 
 
+@pytest.mark.parametrize(
+    ("name", "kwargs"), [("pcgrad", {}), ("mgda_ub", {}), ("nash_mtl", {"update_every": 2})]
+)
+def test_gradient_step_with_a_frozen_backbone_reads_nothing(name, kwargs):
+    """A frozen backbone is seen from ``requires_grad`` flags (host metadata): the plain per-head step reads
+    nothing back either."""
+    torch.manual_seed(0)
+    module = MultiTaskModule(
+        MLPBackbone(8, hidden=(16,), dropout=0.0),
+        TABULAR_TASKS,
+        balancer=create_balancer({"name": name, **kwargs}),
+        train_metrics=False,
+    )
+    module.backbone.requires_grad_(False)
+    spy = steady_step(module, tabular_batch())
+    assert spy.count == 0, dict(spy.sites)
+    assert module.balancer.step_count == module.check_batches + 4
+
+
 @pytest.mark.parametrize("kind", ["token", "dense"])
 def test_token_and_dense_kinds_step_without_host_reads(kind):
     torch.manual_seed(0)

@@ -11,6 +11,9 @@ from torch.utils.data import DataLoader
 
 from lightning_mtl import MultiTaskModule, Task
 from lightning_mtl.backbones import MLPBackbone
+from lightning_mtl.balancing import create_balancer, list_balancers
+from lightning_mtl.balancing.base import BALANCER_REGISTRY
+from lightning_mtl.balancing.gradient import MODES, GradientBalancer
 from lightning_mtl.balancing.static import StaticWeighting
 from lightning_mtl.hub import from_pretrained, save_pretrained
 
@@ -258,3 +261,135 @@ def test_freeze_all_but(trained):
     assert trainable == {f"units.stay.head.{n}" for n, _ in trained.heads["stay"].named_parameters()}
     with pytest.raises(KeyError, match="Unknown task"):
         trained.freeze_all_but(["nope"])
+
+
+# --- transfer with a gradient balancer ------------------------------------------------------------------
+def gradient_variants() -> list[tuple[str, str]]:
+    """Every registered gradient method with every ``mode`` it supports (a new method is tested for free)."""
+    out = []
+    for name in list_balancers():
+        cls = BALANCER_REGISTRY.get(name)
+        if name.startswith("doc_") or not issubclass(cls, GradientBalancer):
+            continue
+        out += [(name, mode) for mode in MODES if mode == "params" or cls.supports_features]
+    return out
+
+
+def all_data(n: int = 64, seed: int = 1) -> dict[str, torch.Tensor]:
+    """Inputs with labels for the old tasks and the new one, so that several tasks meet in every step."""
+    data = toy_tabular(n, seed=seed)
+    return {"x": data["x"], "risk": data["risk"], "stay": data["stay"], "new": data["group"]}
+
+
+@pytest.mark.parametrize("freeze", [True, "backbone"])
+@pytest.mark.parametrize(
+    ("name", "mode"), gradient_variants(), ids=[f"{n}-{m}" for n, m in gradient_variants()]
+)
+def test_gradient_balancer_trains_a_task_added_with_a_frozen_backbone(name, mode, freeze):
+    module = build(balancer=create_balancer({"name": name, "mode": mode}))
+    old_data = {k: v for k, v in all_data(seed=2).items() if k != "new"}
+    fit(module, DataLoader(DictDataset(old_data), batch_size=32), steps=2)  # trained with it
+    module.add_task(new_task(), freeze=freeze)
+    backbone = snapshot(module, "backbone.")
+    old_heads = {n: snapshot(module, f"units.{n}.head.") for n in OLD}
+    new_head = snapshot(module, "units.new.head.")
+
+    trainer = fit(module, DataLoader(DictDataset(all_data()), batch_size=32), steps=3)
+
+    assert math.isfinite(float(trainer.callback_metrics["train/loss"]))
+    assert not unchanged(new_head, module)  # the new head trained
+    assert unchanged(backbone, module)  # bitwise: the frozen backbone got no update
+    for n in OLD:  # freeze=True: the old heads are frozen too; "backbone": they keep training
+        assert unchanged(old_heads[n], module) == (freeze is True), n
+    assert module.balancer.step_count == 5
+
+
+def loss_weighting_names() -> list[str]:
+    return [
+        n
+        for n in list_balancers()
+        if not n.startswith("doc_") and not issubclass(BALANCER_REGISTRY.get(n), GradientBalancer)
+    ]
+
+
+@pytest.mark.parametrize("freeze", [True, "backbone"])
+@pytest.mark.parametrize("name", loss_weighting_names())
+def test_loss_weighting_with_a_frozen_backbone_trains_or_is_refused_at_add_task(name, freeze):
+    module = build(balancer=name)
+    if BALANCER_REGISTRY.get(
+        name
+    ).needs_shared_gradients:  # GradNorm: nothing to measure without a shared net
+        with pytest.raises(
+            ValueError, match=rf"add_task\('new', freeze={freeze!r}\).*'{name}'.*set_balancer"
+        ):
+            module.add_task(new_task(), freeze=freeze)
+        assert list(module.tasks) == OLD and all(p.requires_grad for p in module.parameters())
+        module.set_balancer("equal")  # the fix the error names
+        module.add_task(new_task(), freeze=freeze)
+    else:
+        module.add_task(new_task(), freeze=freeze)
+    new_head = snapshot(module, "units.new.head.")
+    backbone = snapshot(module, "backbone.")
+    trainer = fit(module, DataLoader(DictDataset(all_data()), batch_size=32), steps=3)
+    assert math.isfinite(float(trainer.callback_metrics["train/loss"]))
+    assert not unchanged(new_head, module) and unchanged(backbone, module)
+
+
+def test_set_balancer_swaps_records_and_round_trips(trained, tmp_path):
+    trained.set_balancer("pcgrad")
+    assert type(trained.balancer).__name__ == "PCGrad" and trained.hparams["balancer"] == "pcgrad"
+    old_data = {k: v for k, v in all_data().items() if k != "new"}
+    trainer = fit(trained, DataLoader(DictDataset(old_data), batch_size=32), steps=2)
+    assert trained.balancer.step_count == 2
+    trained.set_balancer({"name": "equal"})  # pcgrad -> equal
+    assert type(trained.balancer).__name__ == "EqualWeighting"
+    assert trained.hparams["balancer"] == {"name": "equal"}
+    assert trained.balancer.task_names == OLD
+    path = tmp_path / "m.ckpt"
+    trainer.save_checkpoint(path)
+    assert (
+        type(MultiTaskModule.load_from_checkpoint(path, weights_only=True).balancer).__name__
+        == "EqualWeighting"
+    )
+
+    trained.set_balancer(create_balancer({"name": "pcgrad", "mode": "features"}))  # and back, as an instance
+    assert trained.balancer.step_count == 0  # the step state starts again
+    assert trained.hparams["balancer"]["init_args"]["mode"] == "features"
+    loaded = from_pretrained(save_pretrained(trained, tmp_path / "artifact"))
+    assert type(loaded.balancer).__name__ == "PCGrad" and loaded.balancer.mode == "features"
+    assert loaded.balancer.task_names == OLD
+    x = toy_tabular(8, seed=3)["x"]
+    assert loaded.predict(x) == trained.predict(x)
+
+
+def test_set_balancer_resets_an_instances_step_state_and_follows_the_device_and_tasks(trained):
+    balancer = create_balancer("rlw")
+    balancer.setup([Task("other", kind="regression")])
+    balancer.set_step_count(7)
+    trained.add_task(new_task())
+    trained.set_balancer(balancer)
+    assert trained.balancer is balancer
+    assert balancer.step_count == 0 and int(balancer.calls) == 0
+    assert balancer.task_names == [*OLD, "new"]
+    assert balancer.calls.device == trained.device
+
+
+def test_set_balancer_failures_leave_the_module_unchanged(trained):
+    before = trained.balancer
+    with pytest.raises(ValueError, match="missing"):
+        trained.set_balancer(StaticWeighting({"risk": 1.0}))
+    trained.freeze_all_but(["stay"])
+    with pytest.raises(
+        ValueError,
+        match=r"set_balancer\('gradnorm'\): every backbone parameter is frozen, but balancer 'gradnorm' "
+        r"\(GradNorm\).*module.unfreeze\(\)",
+    ):
+        trained.set_balancer("gradnorm")
+    assert trained.balancer is before and trained.hparams["balancer"] is None
+    trained.unfreeze()
+    trained.set_balancer("gradnorm")
+    with pytest.raises(
+        ValueError, match=r"freeze_all_but\(\['stay'\]\) freezes the whole backbone.*'gradnorm'"
+    ):
+        trained.freeze_all_but(["stay"])
+    assert all(p.requires_grad for p in trained.parameters())

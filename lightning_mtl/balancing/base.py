@@ -225,8 +225,10 @@ class Balancer(nn.Module):
     Class attributes declare behaviour: ``family`` (``"loss"`` or ``"gradient"``),
     ``uses_task_weights`` (whether ``Task.weight`` means something to this method; if not, a task
     with a non-default weight is an error rather than a silently ignored setting),
-    ``needs_post_step_losses`` (call :meth:`after_step`) and ``stateful`` (keep the step counter in
-    the state dict; stateless methods such as ``static`` save nothing).
+    ``needs_post_step_losses`` (call :meth:`after_step`), ``stateful`` (keep the step counter in
+    the state dict; stateless methods such as ``static`` save nothing) and ``needs_shared_gradients`` (the
+    method measures the tasks' gradients at a trainable shared network and has nothing to work with when the
+    whole backbone is frozen, as GradNorm: ``add_task(freeze=...)`` and ``freeze_all_but`` refuse it).
 
     Per-task state belongs in buffers or parameters created in :meth:`setup`, so it is checkpointed.
     """
@@ -235,6 +237,7 @@ class Balancer(nn.Module):
     uses_task_weights: ClassVar[bool] = False
     needs_post_step_losses: ClassVar[bool] = False
     stateful: ClassVar[bool] = True
+    needs_shared_gradients: ClassVar[bool] = False
     registry_name: ClassVar[str] = ""
     calls: Tensor
 

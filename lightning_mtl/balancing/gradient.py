@@ -20,6 +20,11 @@ How a step runs (:meth:`GradientBalancer.forward`, the module's one balancer cal
   the heads read, through the heads only; the surrogate ``sum_t L_t + <z, d_z - sum_t g_z>`` gives each
   head its own gradient and sends exactly ``d_z`` into one ordinary backbone backward.
 
+Nothing shared trains (a frozen backbone, e.g. after ``add_task(..., freeze=True)``): there is no shared
+gradient, hence no conflict to resolve. Seen from the ``requires_grad`` flags (no host read), the step is then
+the plain ``sum_t L_t``: each head gets its own task's gradient, as in every step, and every present task is
+logged with weight 1. A partially frozen backbone keeps the Jacobian over its trainable parameters.
+
 Distributed (DDP): ``torch.autograd.grad`` bypasses DDP's reducer, so the step reduces explicitly and
 every rank aggregates the same numbers. With ``mode="params"`` the Jacobian is averaged over ranks
 (one all-reduce of ``T x P`` floats): every rank computes the aggregate of the *global* per-task
@@ -167,9 +172,12 @@ class GradientBalancer(Balancer):
             torch.distributed.all_reduce(anywhere)
             present = anywhere > 0
         prepared = self.prepare_losses(losses)
+        objective = losses.vector.detach().sum()
+        inputs = self.shared_inputs(context)
+        if not inputs:  # nothing shared trains (a frozen backbone): no conflict to resolve
+            return Balanced.of(losses, self.plain_loss(prepared), present.float(), objective)
         scale = context.loss_scale if context.amp_scaled else None  # skips two T x P passes without AMP
         own = {n: [p for p in context.task_parameters.get(n, ()) if p.requires_grad] for n in prepared}
-        objective = losses.vector.detach().sum()
 
         cached = self.reusable_weights(present) if self.linear else None
         if cached is not None:  # update_every: one ordinary backward with the last weights
@@ -179,17 +187,9 @@ class GradientBalancer(Balancer):
 
         world = torch.distributed.get_world_size() if is_distributed() else 1
         if self.mode == "params":
-            inputs: list[Tensor] = list(context.shared_parameters())
-            if not inputs:
-                raise ValueError(
-                    "Gradient balancing with mode='params' needs trainable backbone parameters; all are frozen."
-                )
             reduce = _average_over_ranks if world > 1 else None
             gram_world = 1  # the Jacobian itself is averaged over the ranks
         else:
-            inputs = list({id(f): f for f in context.features if f.requires_grad}.values())
-            if not inputs:
-                raise ValueError("Gradient balancing with mode='features' needs features that require grad.")
             reduce, gram_world = None, world  # each rank's rows hold its own examples: sum the Grams
         cols = sum(t.numel() for t in inputs)
         self.check_memory(len(names), cols)
@@ -207,6 +207,30 @@ class GradientBalancer(Balancer):
         )
         self.remember(present, weights)
         return Balanced.of(losses, surrogate, weights.detach(), objective)
+
+    def shared_inputs(self, context: StepContext) -> list[Tensor]:
+        """The tensors the per-task gradients are taken for: the trainable backbone parameters
+        (``mode="params"``) or the shared features that require grad (``mode="features"``). Decided from the
+        ``requires_grad`` flags (host metadata): empty when the backbone is frozen."""
+        if self.mode == "params":
+            return list(context.shared_parameters())
+        return list({id(f): f for f in context.features if f.requires_grad}.values())
+
+    @staticmethod
+    def plain_loss(losses: Mapping[str, Tensor]) -> Tensor:
+        """The step when nothing shared trains (a frozen backbone): ``sum_t L_t``, whose one ordinary backward
+        gives each head its own task's gradient, as every Jacobian step does (``losses`` are the method's
+        :meth:`prepare_losses`; DB-MTL's heads get the gradient of ``log L_t``). With no shared gradient
+        there is no conflict to resolve: every present task weighs 1.
+
+        Example:
+            >>> head = torch.tensor(2.0, requires_grad=True)
+            >>> GradientBalancer.plain_loss({"a": 3 * head, "b": head.detach()}).backward()
+            >>> head.grad
+            tensor(3.)
+        """
+        first = next(iter(losses.values()))
+        return sum(losses.values(), first.new_zeros(()))
 
     def combine(self, jacobian: Tensor, present: Tensor, world: int = 1) -> tuple[Tensor, Tensor]:
         """The direction and the weights for ``jacobian`` (a row per task). For a linear method the weights

@@ -49,6 +49,7 @@ class GradNorm(Balancer):
     """
 
     weight_floor: ClassVar[float] = 1e-3
+    needs_shared_gradients: ClassVar[bool] = True
 
     initial_losses: Tensor
     seen: Tensor

@@ -218,24 +218,87 @@ def test_absent_task_keeps_its_head_in_the_graph_with_zero_gradient():
     assert any(float(p.grad.abs().sum()) > 0 for p in module.backbone.parameters())
 
 
+def head_grads(module, losses, names):
+    return {
+        n: torch.autograd.grad(losses[n], list(module.heads[n].parameters()), retain_graph=True)
+        for n in names
+    }
+
+
+@pytest.mark.parametrize("mode", ["params", "features"])
+@pytest.mark.parametrize("update_every", [1, 2])
+def test_frozen_backbone_step_is_each_heads_own_gradient_with_weight_1(monkeypatch, mode, update_every):
+    """Nothing shared trains: no Jacobian, no aggregation; each head gets its own task's gradient (the step of
+    ``equal``) and every present task is logged with weight 1, also on the steps that would reuse weights."""
+    module, batch = make_module(FixedWeights(mode=mode, update_every=update_every))
+    module.backbone.requires_grad_(False)
+    logged: dict[str, float] = {}
+    monkeypatch.setattr(module, "_log_step", lambda *args: logged.update(module._step_metrics(*args)))
+    for step, part in enumerate([batch, {"x": batch["x"], "a": batch["a"]}, batch]):
+        module.zero_grad()
+        losses, _ = module.shared_step(part, "refresh")
+        want = head_grads(module, losses, list(losses))
+        module.training_step(part, step).backward()
+        for n, grads in want.items():
+            for p, g in zip(module.heads[n].parameters(), grads):
+                torch.testing.assert_close(p.grad, g, rtol=1e-6, atol=1e-7)
+        assert all(p.grad is None for p in module.backbone.parameters())
+        expected = {"weights/a": 1.0, "weights/b": 1.0} if "b" in part else {"weights/a": 1.0}
+        assert {k: v for k, v in logged.items() if k.startswith("weights/")} == expected
+        logged.clear()
+    assert module.balancer.gram_calls == 0  # the method never ran
+    assert module.balancer.step_count == 3
+
+
+def test_db_mtl_heads_keep_the_gradient_of_the_log_loss_when_the_backbone_is_frozen():
+    from lightning_mtl.balancing import DBMTL
+
+    module, batch = make_module(DBMTL())
+    module.backbone.requires_grad_(False)
+    losses, _ = module.shared_step(batch, "refresh")
+    want = head_grads(module, {n: torch.log(v + 1e-8) for n, v in losses.items()}, ["a", "b"])
+    module.zero_grad()
+    module.training_step(batch, 0).backward()
+    for n in ("a", "b"):
+        for p, g in zip(module.heads[n].parameters(), want[n]):
+            torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-7)
+    assert module.balancer.grad_ema.shape[1] == 0  # no Jacobian was taken
+
+
+@pytest.mark.parametrize("mode", ["params", "features"])
+def test_partially_frozen_backbone_aggregates_over_the_trainable_shared_parameters(mode):
+    module, batch = make_module(FixedWeights(mode=mode))
+    first = module.backbone.net[0]
+    first.requires_grad_(False)
+    trainable = [p for p in module.backbone.parameters() if p.requires_grad]
+    module.zero_grad()
+    losses, _ = module.shared_step(batch, "refresh")
+    total = sum(w * losses[n] for n, w in zip(("a", "b"), WEIGHTS.float().tolist()))
+    want = torch.autograd.grad(total, trainable, retain_graph=True)
+    want_heads = head_grads(module, losses, ["a", "b"])
+    module.training_step(batch, 0).backward()
+    for p, g in zip(trainable, want):
+        torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-6)
+    for n in ("a", "b"):
+        for p, g in zip(module.heads[n].parameters(), want_heads[n]):
+            torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-6)
+    assert all(p.grad is None for p in first.parameters())
+    assert module.balancer.gram_calls == 1
+
+
 def test_memory_budget_warning_names_the_fix():
     module, batch = make_module(FixedWeights(memory_budget_mb=1e-4))
     with pytest.warns(UserWarning, match=r"2 x \d+ per-task gradient matrix.*mode='features'"):
         module.training_step(batch, 0)
 
 
-def test_rejects_bad_options_and_frozen_backbones():
+def test_rejects_bad_options():
     with pytest.raises(ValueError, match="mode must be one of"):
         FixedWeights(mode="weights")
     with pytest.raises(ValueError, match="update_every must be 1"):
         SignFlip(update_every=2)
     with pytest.raises(ValueError, match="jacobian must be one of"):
         FixedWeights(jacobian="vmap")
-    module, batch = make_module(FixedWeights())
-    for p in module.backbone.parameters():
-        p.requires_grad_(False)
-    with pytest.raises(ValueError, match="needs trainable backbone parameters"):
-        module.training_step(batch, 0)
     with pytest.raises(ValueError, match="needs the step's StepContext"):
         FixedWeights()({"a": torch.tensor(1.0)})
 
