@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 
 import torch
-from torch.utils.data import Sampler
+import torch.distributed as dist
+from torch.utils.data import DistributedSampler
 
 
-class ResumableSampler(Sampler[int]):
+class ResumableSampler(DistributedSampler[int]):
     """Base of samplers whose order is a function of ``(seed, epoch, cycle)`` and whose position is saved.
 
     ``set_epoch`` (Lightning calls it every epoch) sets the epoch and restarts the cycle count; every
@@ -21,12 +23,23 @@ class ResumableSampler(Sampler[int]):
     ``torchdata``'s ``StatefulDataLoader`` saves and restores it with the loader, Lightning with the
     checkpoint. A ``set_epoch`` to another epoch drops a restored position not yet used (the checkpoint was
     taken at the end of an epoch: the next one starts afresh). Subclasses implement ``_permutation``.
+
+    Distributed by itself: rank ``r`` of ``num_replicas`` (default: from the initialised process group, else
+    one process) takes every ``num_replicas``-th index of the order from ``r`` (padded by repetition like
+    ``DistributedSampler``), which keeps neighbours together. Being a ``DistributedSampler``, Lightning
+    does not wrap it, so its state (cycles included) is saved and restored on every rank.
     """
 
-    def __init__(self, size: int, seed: int = 0) -> None:
+    def __init__(
+        self, size: int, seed: int = 0, *, num_replicas: int | None = None, rank: int | None = None
+    ) -> None:
+        group = dist.is_available() and dist.is_initialized()
+        num_replicas = num_replicas if num_replicas is not None else (dist.get_world_size() if group else 1)
+        rank = rank if rank is not None else (dist.get_rank() if group else 0)
+        super().__init__(range(size), num_replicas=num_replicas, rank=rank, shuffle=False, seed=seed)  # type: ignore[arg-type]
         self.size = size
-        self.seed = seed
-        self.epoch = 0
+        self.num_samples = math.ceil(size / num_replicas)
+        self.total_size = self.num_samples * num_replicas
         self.cycle = 0  # the cycle of the next order
         self._current = (0, 0)  # (epoch, cycle) of the order in progress
         self._yielded = 0  # indices of the order in progress handed out so far (0: none in progress)
@@ -40,7 +53,7 @@ class ResumableSampler(Sampler[int]):
         self.epoch, self.cycle, self._restored = epoch, 0, None
 
     def __len__(self) -> int:
-        return self.size
+        return self.num_samples
 
     def state_dict(self) -> dict[str, int]:
         """Where the order in progress stands: ``seed``, ``epoch``, ``cycle`` (of that order) and ``yielded``."""
@@ -77,6 +90,9 @@ class ResumableSampler(Sampler[int]):
     def _remaining(self) -> Iterator[int]:
         self._current = (self.epoch, self.cycle)
         order = self._permutation(torch.Generator().manual_seed(self.seed + self.epoch + self.cycle))
+        if self.num_replicas > 1:
+            order = (order * math.ceil(self.total_size / max(len(order), 1)))[: self.total_size]
+            order = order[self.rank : self.total_size : self.num_replicas]
         self.cycle += 1
         skip, self._restored = self._restored or 0, None
         self._yielded = skip
@@ -112,8 +128,7 @@ class LengthGroupedSampler(ResumableSampler):
     Each epoch: shuffle all indices, cut them into chunks of ``batch_size * chunk_batches``, sort each
     chunk by length (longest first), cut it into batches and shuffle the batches. Consecutive
     ``batch_size`` indices then form a batch of similar lengths (``DataLoader(batch_size=...)`` as
-    usual). Under DDP, Lightning wraps this sampler and each rank takes every world_size-th index, which
-    keeps the grouping.
+    usual). Under DDP each rank takes every world_size-th index, which keeps the grouping.
 
     Resumable (see :class:`ResumableSampler`).
 
@@ -135,13 +150,20 @@ class LengthGroupedSampler(ResumableSampler):
     """
 
     def __init__(
-        self, lengths: Sequence[int], batch_size: int, chunk_batches: int = 50, seed: int = 0
+        self,
+        lengths: Sequence[int],
+        batch_size: int,
+        chunk_batches: int = 50,
+        seed: int = 0,
+        *,
+        num_replicas: int | None = None,
+        rank: int | None = None,
     ) -> None:
         if batch_size < 1 or chunk_batches < 1:
             raise ValueError(
                 f"batch_size and chunk_batches must be >= 1, got {batch_size} and {chunk_batches}."
             )
-        super().__init__(len(lengths), seed)
+        super().__init__(len(lengths), seed, num_replicas=num_replicas, rank=rank)
         self.lengths = list(lengths)
         self.batch_size = batch_size
         self.chunk = batch_size * chunk_batches

@@ -27,21 +27,22 @@ STEPS, CKPT_STEP = 8, 3  # 5 batches an epoch: the checkpoint is mid-epoch 0, th
 HELPER = Path(__file__).parent.parent / "helpers" / "ddp_resume.py"
 
 
-def tabular_module(balancer: str) -> MultiTaskModule:
+def tabular_module(balancer: str, **kwargs) -> MultiTaskModule:
     torch.manual_seed(0)
     backbone = MLPBackbone(8, hidden=(16,), dropout=0.2)  # dropout: the resumed run must restore the RNG
-    return MultiTaskModule(backbone, TABULAR_TASKS, balancer=create_balancer(balancer), lr=1e-2)
+    return MultiTaskModule(backbone, TABULAR_TASKS, balancer=create_balancer(balancer), lr=1e-2, **kwargs)
 
 
-def multilabel_data() -> MultiTaskDataModule:
-    ds = DictDataset(toy_tabular(40))
+def multilabel_data(n: int = 40) -> MultiTaskDataModule:
+    ds = DictDataset(toy_tabular(n))
     return MultiTaskDataModule(ds, TABULAR_TASKS, batch_size=8, val_fraction=0.0, test_fraction=0.0)
 
 
-def per_task_data(mode: str = "max_size_cycle") -> MultiTaskDataModule:
-    """``risk``/``group``: 5 batches an epoch; ``flags``: 2 and ``stay``: 1, which cycle before step 3."""
-    data = toy_tabular(40)
-    sizes = {"risk": 40, "group": 40, "flags": 16, "stay": 8}
+def per_task_data(mode: str = "max_size_cycle", scale: int = 1) -> MultiTaskDataModule:
+    """``risk``/``group``: 5 batches an epoch; ``flags``: 2 and ``stay``: 1, which cycle before step 3
+    (``scale``: the number of processes, each of which reads ``1/scale`` of every dataset)."""
+    data = toy_tabular(40 * scale)
+    sizes = {"risk": 40 * scale, "group": 40 * scale, "flags": 16 * scale, "stay": 8 * scale}
     per_task = {name: DictDataset({"x": data["x"][:n], name: data[name][:n]}) for name, n in sizes.items()}
     return MultiTaskDataModule(
         per_task, TABULAR_TASKS, batch_size=8, val_fraction=0.0, test_fraction=0.0, train_mode=mode
@@ -67,7 +68,7 @@ WORDS = [
 TEXT_TASKS = [Task("topic", kind="multiclass", labels=["a", "b", "c"]), Task("risk", kind="binary")]
 
 
-def text_module(balancer: str) -> MultiTaskModule:
+def text_module(balancer: str, **kwargs) -> MultiTaskModule:
     torch.manual_seed(0)
     return MultiTaskModule(
         ToyTokenBackbone(vocab=30522, hidden=8),
@@ -75,13 +76,14 @@ def text_module(balancer: str) -> MultiTaskModule:
         balancer=create_balancer(balancer),
         lr=1e-2,
         input_keys=["input_ids"],
+        **kwargs,
     )
 
 
-def text_data() -> MultiTaskDataModule:
-    texts = [" ".join(WORDS[: 1 + (i * 7) % 14]) for i in range(40)]
+def text_data(n: int = 40) -> MultiTaskDataModule:
+    texts = [" ".join(WORDS[: 1 + (i * 7) % 14]) for i in range(n)]
     ds = Dataset.from_dict(
-        {"text": texts, "topic": ["abc"[i % 3] for i in range(40)], "risk": [i % 2 for i in range(40)]}
+        {"text": texts, "topic": ["abc"[i % 3] for i in range(n)], "risk": [i % 2 for i in range(n)]}
     )
     return MultiTaskDataModule(
         ds,
