@@ -190,16 +190,14 @@ def setup_ours(w: Workload, job: dict[str, Any]) -> Step:
     opt = torch.optim.SGD(module.parameters(), lr=LR)
 
     def step(i: int) -> float:  # Lightning's automatic optimization, without the Trainer
-        module._stepped = False
         loss = module.training_step(batch, i)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        module._stepped = True
         if post_step:
             _sync(w.x.device)
         start = time.perf_counter()
-        module.on_train_batch_end(None, batch, i)
+        module._refresh_after_step(batch)  # what MultiTaskModule.optimizer_step runs after the step
         if post_step:
             _sync(w.x.device)
         return (time.perf_counter() - start) * 1e3

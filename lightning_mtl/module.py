@@ -139,7 +139,7 @@ class MultiTaskModule(HubMixin, TransferMixin, L.LightningModule):
         self._step_counts: dict[str, Tensor] = {}
         self._unit_scale = torch.ones(())
         self._losses_before: TaskLosses | None = None
-        self._stepped = False
+        self._batch_before: Any = None
         self._train_batches = 0
         self._register_load_state_dict_pre_hook(_upgrade_state_keys, with_module=True)
 
@@ -383,7 +383,7 @@ class MultiTaskModule(HubMixin, TransferMixin, L.LightningModule):
         balanced = self.balancer(losses, context)
         self._step_features = []
         if self.balancer.needs_post_step_losses:
-            self._losses_before = losses.detached()
+            self._losses_before, self._batch_before = losses.detached(), batch
         total = balanced.loss
         for term in extras.values():
             total = total + term
@@ -465,14 +465,15 @@ class MultiTaskModule(HubMixin, TransferMixin, L.LightningModule):
     @override
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)
-        self._stepped = True
+        # right after the step, before any ``on_train_batch_end`` callback (a checkpoint taken there holds
+        # the balancer's update of this step, and the RNG after it: exact mid-epoch resume)
+        batch, self._batch_before = self._batch_before, None
+        self._refresh_after_step(batch)
 
-    @override
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def _refresh_after_step(self, batch: Any) -> None:
         """After an optimizer step, balancers that ask for it (FAMO) get the batch's losses re-computed."""
         before, self._losses_before = self._losses_before, None
-        stepped, self._stepped = self._stepped, False
-        if not (self.balancer.needs_post_step_losses and stepped and before is not None):
+        if not (self.balancer.needs_post_step_losses and before is not None):
             return
         trainer = self._trainer
         context = (
@@ -652,13 +653,35 @@ class MultiTaskModule(HubMixin, TransferMixin, L.LightningModule):
         return {name: _upgraded_key(name) for name in names}
 
     @override
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[RNG_STATE_KEY] = _rng_states()  # dropout etc. continue exactly on resume
+
+    @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         saved = [t["name"] for t in checkpoint.get("hyper_parameters", {}).get("tasks", [])]
         if saved and saved != list(self.tasks):
             rank_zero_warn(f"Checkpoint tasks {saved} differ from this module's tasks {list(self.tasks)}.")
+        if RNG_STATE_KEY in checkpoint:
+            _set_rng_states(checkpoint[RNG_STATE_KEY])
 
 
 CHECK_BATCHES = 10
+RNG_STATE_KEY = "lightning_mtl_rng"  # the global RNG states at a checkpoint (torch CPU and CUDA)
+
+
+def _rng_states() -> dict[str, Any]:
+    states: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def _set_rng_states(states: Mapping[str, Any]) -> None:
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
 """Batches of each stage whose label values ``check_inputs=True`` validates."""
 
 

@@ -10,9 +10,10 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import CombinedLoader
 from torch.utils.data import DataLoader, Subset
+from torchdata.stateful_dataloader import StatefulDataLoader
 
 from lightning_mtl.data.collate import MultiTaskCollator
-from lightning_mtl.data.samplers import LengthGroupedSampler
+from lightning_mtl.data.samplers import LengthGroupedSampler, ResumableSampler, ShuffleSampler
 from lightning_mtl.kinds import IGNORE_INDEX
 from lightning_mtl.tasks import Task
 
@@ -41,6 +42,10 @@ class MultiTaskDataModule(L.LightningDataModule):
             longest epoch; shorter datasets cycle), ``min_size`` or ``max_size``.
         group_by_length: batch tokenised training examples of similar length together
             (:class:`~lightning_mtl.data.samplers.LengthGroupedSampler`), which cuts padding.
+
+    Training loaders are ``torchdata`` ``StatefulDataLoader`` s: Lightning saves their position (sampler
+    order and batches served, every task's loader of a ``CombinedLoader``) in checkpoints, so a run resumed
+    from a mid-epoch checkpoint reads exactly the batches the interrupted run would have read.
         cache_dir: where tokenised datasets are cached (``None``: datasets' own cache for file-backed
             datasets, none for in-memory ones).
 
@@ -249,15 +254,19 @@ class MultiTaskDataModule(L.LightningDataModule):
             else int(self.eval_batch_size)
         )
         tokenised = hasattr(ds, "column_names") and "input_ids" in ds.column_names
-        sampler = None
+        sampler: ResumableSampler | None = None
+        loader_class = StatefulDataLoader if train else DataLoader  # training position saved in checkpoints
         if not train and tokenised:
             ds = _sorted_by_length(ds)  # less padding at evaluation; order does not matter there
         elif train and tokenised and self.group_by_length:
             sampler = LengthGroupedSampler([len(x) for x in ds["input_ids"]], bs, seed=self.seed)
-        return DataLoader(
+        elif train:
+            # the order a function of (seed, epoch): a resumed run's later epochs match too, which the
+            # generator-driven RandomSampler does not guarantee (the loader draws from its generator as well)
+            sampler = ShuffleSampler(len(ds), seed=self.seed)
+        return loader_class(
             ds,
             batch_size=bs,
-            shuffle=train and sampler is None,
             sampler=sampler,
             collate_fn=self.collator(),
             num_workers=self.num_workers,
