@@ -682,6 +682,20 @@ CHECK_BATCHES = 10
 """Batches of each stage whose label values ``check_inputs=True`` validates."""
 
 
+class BackboneInputError(ValueError, RuntimeError):
+    """The backbone could not read a batch's inputs (their shape or dtype); the message names the input keys
+    with their shapes and dtypes. A ``RuntimeError`` too, as the torch error it replaces (``__cause__``) was.
+
+    Example:
+        >>> module = MultiTaskModule(nn.Linear(4, 2), [Task("risk", kind="binary")])
+        >>> try:
+        ...     module({"x": torch.zeros(3, 5)})
+        ... except BackboneInputError as err:
+        ...     print(str(err)[:71])
+        The backbone Linear failed on batch inputs {'x': shape [3, 5] float32}:
+    """
+
+
 def _check_target_keys(tasks: Sequence[Task]) -> None:
     """Two tasks reading one batch key would train two heads on the same labels: a configuration mistake."""
     readers: dict[str, str] = {}
@@ -808,12 +822,12 @@ def _backbone_error(backbone: nn.Module, inputs: Mapping[str, Any], err: Excepti
         f"{_expected_input(backbone)}. Fix the input keys' shape/dtype (e.g. in the dataset or collate_fn), "
         "choose the keys with MultiTaskModule(input_keys=[...]), or override forward_features()."
     )
-    return TypeError(message) if isinstance(err, TypeError) else ValueError(message)
+    return TypeError(message) if isinstance(err, TypeError) else BackboneInputError(message)
 
 
 def _unbatched_error(backbone: nn.Module, inputs: Mapping[str, Any], features: Tensor) -> ValueError:
     """The backbone returned features without a batch dimension (e.g. a 1-D input read as one example)."""
-    return ValueError(
+    return BackboneInputError(
         f"The backbone {type(backbone).__name__} returned features of shape {list(features.shape)} (no batch "
         f"dimension) for batch inputs {_describe_inputs(inputs)}. It expects {_expected_input(backbone)}; give "
         "each input a leading batch dimension (e.g. x.unsqueeze(0) for one example, or x.unsqueeze(-1) for one "

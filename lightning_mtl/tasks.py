@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -103,7 +103,7 @@ class Task:
         if not isinstance(self.kind, str) or self.kind not in list_kinds():
             raise ValueError(f"Task {self.name!r}: unknown kind {self.kind!r}; choose one of {list_kinds()}.")
         if self.labels is not None:
-            if isinstance(self.labels, (str, bytes)) or not isinstance(self.labels, Sequence):
+            if isinstance(self.labels, (str, bytes, Mapping)) or not isinstance(self.labels, Iterable):
                 raise TypeError(
                     f"Task {self.name!r}: labels must be a list of class names, got {type(self.labels).__name__} "
                     f"{self.labels!r}; pass e.g. labels=['no', 'yes']."

@@ -14,6 +14,7 @@ from torch import nn
 from lightning_mtl import MultiTaskModule, Task
 from lightning_mtl.backbones import MLPBackbone
 from lightning_mtl.balancing import create_balancer
+from lightning_mtl.module import BackboneInputError
 
 RISK = {"name": "risk", "kind": "binary", "labels": ["low", "high"]}
 GROUP = {"name": "group", "kind": "multiclass", "labels": ["a", "b", "c"]}
@@ -243,9 +244,10 @@ def test_bad_config_is_named(build, error, parts):
 
 
 def test_backbone_error_keeps_the_cause():
-    with pytest.raises(ValueError) as info:
+    with pytest.raises(BackboneInputError) as info:
         step(torch.zeros(4, 5))
-    assert isinstance(info.value.__cause__, RuntimeError)
+    assert isinstance(info.value.__cause__, RuntimeError) and "mat1 and mat2" in str(info.value.__cause__)
+    assert isinstance(info.value, RuntimeError)  # what callers caught before (e.g. the CLI's predict)
 
 
 @pytest.mark.parametrize(
