@@ -102,6 +102,18 @@ CASES: list[tuple[str, Callable[[], Any], type[Exception], list[str]]] = [
         TypeError,
         ["'risk'", "loss", "{'init_args': {}}", "class_path"],
     ),
+    (
+        "head-unknown",
+        lambda: module({**RISK, "head": "mlpp"}),
+        KeyError,
+        ["'risk'", "head 'mlpp'", "Registered heads", "Task(head="],
+    ),
+    (
+        "head-kwargs-unknown",
+        lambda: module({**RISK, "head": "mlp", "head_kwargs": {"width": 64}}),
+        TypeError,
+        ["'risk'", "'mlp'", "{'width': 64}", "width", "head_kwargs="],
+    ),
     ("labels-str", lambda: task(labels="yes"), TypeError, ["'risk'", "labels", "'yes'", "labels=["]),
     (
         "head-kwargs",
