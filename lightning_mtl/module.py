@@ -128,6 +128,7 @@ class MultiTaskModule(HubMixin, TransferMixin, L.LightningModule):
         self.backbone: nn.Module
         self.backbone, backbone_hparam = self._build_backbone(backbone, backbone_class)
 
+        _check_input_keys(input_keys, getattr(self.backbone, "input_keys", None), task_list)
         self._feature_dims: Any = _feature_dims(self.backbone, feature_dim)
         self.units = nn.ModuleDict({t.name: self._build_unit(t) for t in task_list})
         self.balancer = create_balancer(balancer)
@@ -705,6 +706,27 @@ def _check_target_keys(tasks: Sequence[Task]) -> None:
             raise ValueError(
                 f"Tasks {other!r} and {task.name!r} both read target_key {task.target_key!r}; each task needs "
                 f"its own labels: set Task({task.name!r}, ..., target_key=<its batch key>)."
+            )
+
+
+def _check_input_keys(given: Any, declared: Any, tasks: Sequence[Task]) -> None:
+    """``input_keys`` must be a list of batch keys (not one string), none of them a task's target key."""
+    if given is not None and (isinstance(given, (str, bytes)) or not all(isinstance(k, str) for k in given)):
+        raise TypeError(
+            f"MultiTaskModule: input_keys must be a list of batch keys, got {type(given).__name__} {given!r}; "
+            f"e.g. input_keys=[{given!r}]."
+            if isinstance(given, str)
+            else f"MultiTaskModule: input_keys must be a list of batch keys (strings), got {given!r}."
+        )
+    keys = given if given is not None else declared
+    if keys is None or isinstance(keys, (str, bytes)):
+        return
+    for task in tasks:
+        if task.target_key in keys:
+            raise ValueError(
+                f"Task {task.name!r} reads target_key {task.target_key!r}, which is also a backbone input key "
+                f"(input_keys={list(keys)}); the labels would be taken out of the inputs. Set "
+                f"Task({task.name!r}, ..., target_key=<its label key>) or change input_keys."
             )
 
 

@@ -140,6 +140,13 @@ class Task:
                 "e.g. threshold=0.5."
             )
         self._check_loss()
+        if self.metrics is not None and (
+            isinstance(self.metrics, (str, bytes)) or not isinstance(self.metrics, (Mapping, list, tuple))
+        ):
+            raise TypeError(
+                f"Task {self.name!r}: metrics must be None, a list of preset names or a dict of specs, got "
+                f"{type(self.metrics).__name__} {self.metrics!r}; e.g. metrics=[{self.metrics!r}]."
+            )
         if self.target_transform is not None:
             supported = sorted(getattr(self.kind_obj, "target_transforms", {}))
             if self.target_transform not in supported:

@@ -114,6 +114,12 @@ CASES: list[tuple[str, Callable[[], Any], type[Exception], list[str]]] = [
         TypeError,
         ["'risk'", "'mlp'", "{'width': 64}", "width", "head_kwargs="],
     ),
+    (
+        "metrics-str",
+        lambda: task(metrics="auroc"),
+        TypeError,
+        ["'risk'", "metrics", "'auroc'", "metrics=['auroc']"],
+    ),
     ("labels-str", lambda: task(labels="yes"), TypeError, ["'risk'", "labels", "'yes'", "labels=["]),
     (
         "head-kwargs",
@@ -133,6 +139,18 @@ CASES: list[tuple[str, Callable[[], Any], type[Exception], list[str]]] = [
         lambda: module(RISK, {**GROUP, "target_key": "risk"}),
         ValueError,
         ["'risk'", "'group'", "target_key 'risk'", "target_key=<its batch key>"],
+    ),
+    (
+        "target-key-is-input-key",
+        lambda: module({**RISK, "target_key": "x"}, input_keys=["x"]),
+        ValueError,
+        ["'risk'", "target_key 'x'", "input_keys=['x']", "target_key=<its label key>"],
+    ),
+    (
+        "input-keys-str",
+        lambda: module(input_keys="x"),
+        TypeError,
+        ["input_keys", "str 'x'", "input_keys=['x']"],
     ),
     ("lr-0", lambda: module(lr=0.0), ValueError, ["lr", "got 0.0", "lr=1e-3"]),
     ("lr-negative", lambda: module(lr=-1e-3), ValueError, ["lr", "got -0.001", "lr=1e-3"]),
