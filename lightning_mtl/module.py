@@ -47,7 +47,8 @@ class MultiTaskModule(HubMixin, TransferMixin, L.LightningModule):
         balancer: a registered name (:func:`~lightning_mtl.balancing.list_balancers`), a spec, or a
             :class:`~lightning_mtl.balancing.Balancer`; default ``"static"`` (``Task.weight``, 1.0 each).
         feature_dim: width of the backbone's features when it has no ``out_features`` attribute
-            (an int, or a dict per feature key).
+            (an int, or a dict per feature key). An int that contradicts the width the backbone declares
+            (its ``out_features``, or an ``nn.Sequential``'s last ``Linear``) is refused at construction.
         lr: learning rate of the backbone (AdamW). ``head_lr``: of heads and balancer (default ``lr``).
         weight_decay: AdamW weight decay (not applied to biases and norms).
         scheduler: ``None``, ``"linear"`` or ``"cosine"`` decay after ``warmup_ratio`` of the steps.

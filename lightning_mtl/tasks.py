@@ -55,7 +55,9 @@ class Task:
     """One task: its name, *kind* and everything that differs from the kind's defaults.
 
     Args:
-        name: the task's name; also the default key of its target in a batch.
+        name: the task's name; also the default key of its target in a batch. It names a submodule and
+            logging keys, so it may not contain ``/`` or ``.``, nor be an ``nn.Module`` attribute
+            (``training``, ``forward``, ...) or in :data:`RESERVED_NAMES`.
         kind: one of :func:`~lightning_mtl.kinds.list_kinds` (``binary``, ``multiclass``, ``multilabel``,
             ``regression``, ``token``, ``dense``). The kind supplies the default head, loss, metrics and
             how outputs become predictions.
