@@ -41,7 +41,14 @@ class TaskUnit(nn.Module):
         super().__init__()
         self.task = task
         self._kind = task.kind_obj
-        self.head = create_head(task.head_name, in_features, task.out_features, **task.head_kwargs)
+        try:
+            self.head = create_head(task.head_name, in_features, task.out_features, **task.head_kwargs)
+        except (KeyError, TypeError, ValueError) as err:
+            message = err.args[0] if err.args else str(err)
+            raise type(err)(
+                f"Task {task.name!r}: cannot build its head {task.head_name!r} with head_kwargs={task.head_kwargs}: "
+                f"{message} Fix Task(head=..., head_kwargs=...)."
+            ) from err
         self.loss_fn = task.build_loss()
         if isinstance(self.loss_fn.fn, nn.Module):  # trained and saved with the unit
             self.loss_module = self.loss_fn.fn

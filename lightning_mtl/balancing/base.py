@@ -35,6 +35,8 @@ checkpoint's ``state_dict`` and a resumed run continues exactly.
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -44,7 +46,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_mtl._registry import Registry
-from lightning_mtl.specs import build_from_spec
+from lightning_mtl.specs import build_from_spec, resolve_class
 
 if TYPE_CHECKING:
     from lightning_mtl.tasks import Task
@@ -401,20 +403,100 @@ def list_balancers(filter: str | None = None) -> list[str]:
     return BALANCER_REGISTRY.list(filter)
 
 
-def create_balancer(balancer: str | Mapping[str, Any] | Balancer | None) -> Balancer:
-    """Build a balancer from a registered name, a ``{"class_path", "init_args"}`` spec or an instance.
+def create_balancer(balancer: str | Mapping[str, Any] | Balancer | None, **kwargs: Any) -> Balancer:
+    """Build a balancer from a registered name (with its arguments as ``kwargs``), a
+    ``{"name": ..., <arguments>}`` or ``{"class_path", "init_args"}`` spec, or an instance. The arguments
+    are checked against the balancer's constructor first (unknown keys, non-numbers where a number belongs).
 
     Example:
         >>> create_balancer("static")
         StaticWeighting()
+        >>> create_balancer("dwa", temperature=4.0).temperature
+        4.0
     """
+    if kwargs and not isinstance(balancer, str):
+        raise TypeError(
+            f"create_balancer: keyword arguments {sorted(kwargs)} go with a registered name only, got "
+            f"{type(balancer).__name__}; put them in the spec instead."
+        )
     if balancer is None:
         balancer = "static"
     if isinstance(balancer, Balancer):
         return balancer
     if isinstance(balancer, str):
-        return BALANCER_REGISTRY.get(balancer)()
-    if isinstance(balancer, Mapping) and "name" in balancer:
+        cls = BALANCER_REGISTRY.get(balancer)
+        check_balancer_args(cls, kwargs, repr(balancer))
+        return cls(**kwargs)
+    if not isinstance(balancer, Mapping):
+        raise TypeError(
+            f"balancer must be a registered name ({list_balancers()}), a {{'name': ..., <arguments>}} or "
+            f"{{'class_path': ..., 'init_args': ...}} dict, or a Balancer, got {type(balancer).__name__} {balancer!r:.80}; "
+            "e.g. balancer='dwa' or balancer={'name': 'dwa', 'temperature': 2.0}."
+        )
+    if "name" in balancer:
         kwargs = {k: v for k, v in balancer.items() if k != "name"}
-        return BALANCER_REGISTRY.get(balancer["name"])(**kwargs)
+        cls = BALANCER_REGISTRY.get(balancer["name"])
+        check_balancer_args(cls, kwargs, repr(balancer["name"]))
+        return cls(**kwargs)
+    if "class_path" not in balancer:
+        raise ValueError(
+            f"balancer spec {dict(balancer)!r:.120} has neither 'name' (a registered balancer: {list_balancers()}) "
+            "nor 'class_path'; e.g. balancer={'name': 'dwa', 'temperature': 2.0}."
+        )
+    spec_cls = resolve_class(
+        balancer["class_path"], Balancer, "balancer"
+    )  # trusted, a Balancer: before a call
+    if isinstance(balancer.get("init_args"), Mapping):
+        check_balancer_args(spec_cls, dict(balancer["init_args"]), repr(balancer["class_path"]))
     return build_from_spec(balancer, Balancer, "balancer")
+
+
+def check_balancer_args(cls: type[Balancer], kwargs: Mapping[str, Any], what: str) -> None:
+    """Check the arguments of balancer ``cls`` against its constructor before building it: every key must be
+    a parameter, and a parameter whose default is a number must get a finite number (a bool one a bool).
+
+    Example:
+        >>> from lightning_mtl.balancing.dwa import DynamicWeightAverage
+        >>> check_balancer_args(DynamicWeightAverage, {"temperature": "hot"}, "'dwa'")
+        Traceback (most recent call last):
+        ...
+        TypeError: Balancer 'dwa': argument temperature must be a number (like its default 2.0), got str 'hot'; e.g. temperature=2.0.
+    """
+    import inspect
+
+    params: dict[str, inspect.Parameter] = {}
+    open_kwargs = False
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None or klass is nn.Module or klass is object:
+            continue
+        sig = inspect.signature(init).parameters
+        for name, param in sig.items():
+            if name != "self" and param.kind not in (param.VAR_KEYWORD, param.VAR_POSITIONAL):
+                params.setdefault(name, param)
+        if not any(p.kind is p.VAR_KEYWORD for p in sig.values()):
+            break
+    else:
+        open_kwargs = True
+    unknown = sorted(k for k in kwargs if k not in params)
+    if unknown and not open_kwargs:
+        raise TypeError(
+            f"Balancer {what}: unknown argument(s) {unknown}; it takes {sorted(params)}. Remove or rename them."
+        )
+    for key, value in kwargs.items():
+        default = params[key].default if key in params else inspect.Parameter.empty
+        if isinstance(default, bool):
+            if not isinstance(value, bool):
+                raise TypeError(
+                    f"Balancer {what}: argument {key} must be True or False, got {type(value).__name__} {value!r}."
+                )
+        elif isinstance(default, (int, float)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise TypeError(
+                    f"Balancer {what}: argument {key} must be a number (like its default {default!r}), got "
+                    f"{type(value).__name__} {value!r}; e.g. {key}={default!r}."
+                )
+            if not math.isfinite(value):
+                raise ValueError(
+                    f"Balancer {what}: argument {key} must be a finite number, got {value!r}; e.g. {key}={default!r}."
+                )

@@ -153,6 +153,8 @@ class TaskKind:
     feature_key: ClassVar[str] = "pooled"
     needs_labels: ClassVar[bool] = True
     target_dtype: ClassVar[torch.dtype] = torch.long
+    min_outputs: ClassVar[int] = 1
+    """The fewest classes (head outputs) the kind can learn: 2 for softmax kinds (one class is a constant)."""
     label_level: ClassVar[str] = "example"
     """``"example"`` (one label per example), ``"token"`` (one per sub-word token: the data module aligns
     word labels to tokens and pads them with -100) or ``"pixel"``."""
@@ -160,12 +162,20 @@ class TaskKind:
     def num_outputs(self, task: Task) -> int:
         """Width of the head's output."""
         if task.num_outputs is not None:
-            return int(task.num_outputs)
-        if task.labels:
-            return len(task.labels)
-        raise ValueError(
-            f"Task {task.name!r} (kind {self.name!r}) needs `labels=[...]` or `num_outputs=N` to size its head."
-        )
+            width = int(task.num_outputs)
+        elif task.labels:
+            width = len(task.labels)
+        else:
+            raise ValueError(
+                f"Task {task.name!r} (kind {self.name!r}) needs `labels=[...]` or `num_outputs=N` to size its head."
+            )
+        if width < self.min_outputs:
+            hint = " use kind='binary' for a yes/no task, or" if self.name == "multiclass" else ""
+            raise ValueError(
+                f"Task {task.name!r}: kind {self.name!r} needs >= {self.min_outputs} classes, got {width} "
+                f"(labels={task.labels}, num_outputs={task.num_outputs});{hint} give >= {self.min_outputs} labels."
+            )
+        return width
 
     def metric_presets(self, task: Task) -> dict[str, Callable[[], Metric]]:
         """Named metric factories; ``Task.metrics`` may select a subset by name."""

@@ -36,6 +36,11 @@ class Binary(TaskKind):
             raise ValueError(
                 f"Task {task.name!r} is binary: `labels` must name 2 classes, got {task.labels}."
             )
+        if task.num_outputs not in (None, 1):
+            raise ValueError(
+                f"Task {task.name!r} is binary: its head has 1 output (a logit), got num_outputs={task.num_outputs}; "
+                "leave num_outputs None, or use kind='multiclass' / 'multilabel' for several classes."
+            )
         return 1
 
     def metric_presets(self, task: Task) -> dict[str, Callable[[], Metric]]:

@@ -41,6 +41,7 @@ class Dense(TaskKind):
     default_head: ClassVar[str] = "dense"
     feature_key: ClassVar[str] = "spatial"
     label_level: ClassVar[str] = "pixel"
+    min_outputs: ClassVar[int] = 2
 
     def metric_presets(self, task: Task) -> dict[str, Callable[[], Metric]]:
         c = self.num_outputs(task)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +35,8 @@ class Multiclass(TaskKind):
         >>> t.describe(torch.tensor([[0.1, 3.0, 0.2]]))[0]["label"]
         'sport'
     """
+
+    min_outputs: ClassVar[int] = 2
 
     def metric_presets(self, task: Task) -> dict[str, Callable[[], Metric]]:
         c = self.num_outputs(task)

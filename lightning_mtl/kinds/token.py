@@ -43,6 +43,7 @@ class Token(TaskKind):
     default_head: ClassVar[str] = "token"
     feature_key: ClassVar[str] = "tokens"
     label_level: ClassVar[str] = "token"
+    min_outputs: ClassVar[int] = 2
 
     def metric_presets(self, task: Task) -> dict[str, Callable[[], Metric]]:
         c = self.num_outputs(task)
