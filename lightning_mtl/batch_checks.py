@@ -7,10 +7,11 @@ import difflib
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from lightning_mtl.kinds.base import missing_mask
+from lightning_mtl.kinds.base import IGNORE_INDEX, missing_mask
 
 NONFINITE_MODES = ("raise", "skip")
 
@@ -128,8 +129,19 @@ def host_labelled(targets: Iterable[Tensor]) -> bool | None:
     (reading it would wait for the device)."""
     found = False
     for t in targets:
-        if not isinstance(t, Tensor) or t.device.type != "cpu":
-            return None
-        if not found and t.numel() and not bool(missing_mask(t).all()):
-            found = True
+        if not isinstance(t, Tensor) or t.device.type != "cpu" or not t.numel():
+            return None  # on a device, or empty (the step names an empty batch)
+        if not found:
+            found = _any_present(t)
     return found
+
+
+def _any_present(t: Tensor) -> bool:
+    # numpy reads the CPU buffer without dispatching torch ops: the step-overhead counts stay unchanged
+    if t.dtype in (torch.float16, torch.bfloat16) or t.requires_grad:
+        return bool((~missing_mask(t.detach())).any())
+    a = t.numpy()
+    missing = a == IGNORE_INDEX
+    if a.dtype.kind == "f":
+        missing |= np.isnan(a)
+    return not bool(missing.all())
