@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -183,3 +187,27 @@ def test_an_unlabelled_validation_batch_is_named_once_per_stage():
     assert sum("has no label" in str(w.message) for w in caught) == 1
     with pytest.warns(UserWarning, match="Test batch 0"):
         m.test_step({"x": torch.ones(2, 4)}, 0)
+
+
+@pytest.mark.multiprocess
+def test_ddp_ranks_skip_together_only_when_no_rank_has_a_label(tmp_path):
+    helper = Path(__file__).parent / "helpers" / "ddp_unlabelled.py"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    env.pop("LOCAL_RANK", None)
+    proc = subprocess.run(
+        [sys.executable, str(helper), str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,  # a rank that skips alone would hang DDP: the test fails instead
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert [r["skipped"] for r in ranks] == [1, 1]
+    for r in ranks:
+        params = r["params"]
+        assert torch.equal(params[0], params[1])  # step 1: nobody had a label, nobody moved
+        assert not torch.equal(params[1], params[2])  # step 2: rank 0 had labels, both stepped
+    for step in range(4):
+        assert torch.equal(ranks[0]["params"][step], ranks[1]["params"][step]), step

@@ -27,7 +27,8 @@ class MultiTaskCollator:
 
     * ``input_ids`` are padded with ``pad_token_id``, masks with 0, token-task labels with -100.
     * A task's target that is absent from an example, ``None`` or NaN becomes "missing": NaN for float
-      kinds (binary, multilabel, regression), -100 for integer kinds — the module masks it out.
+      kinds (binary, multilabel, regression), -100 for integer kinds — the module masks it out. An
+      example-level task's key is in every batch, even when no example of the batch has it.
     * Other keys are stacked (tensors, numbers, equal-length lists).
     * ``nonfinite``: a NaN or infinity in a float input, or an infinity in a float label, raises a
       ``ValueError`` naming the key and row (``"raise"``, the default); ``"skip"`` drops such input rows and
@@ -74,6 +75,9 @@ class MultiTaskCollator:
                     batch[key] = torch.stack([as_tensor(v, key) for v in values])
                 except (RuntimeError, TypeError):
                     continue  # strings, ragged metadata: not model inputs
+        for key, task in self.by_key.items():  # a label no example has: missing, so every batch has every key
+            if key not in batch and task.kind_obj.label_level == "example":
+                batch[key] = self._targets(task, [None] * len(examples), width)
         return self._finite(batch)
 
     def _finite(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -221,3 +221,9 @@ def test_nonfinite_skip_drops_input_rows_and_masks_infinite_labels():
 def test_nonfinite_mode_is_validated():
     with pytest.raises(ValueError, match="nonfinite must be one of"):
         MultiTaskCollator([STAY], nonfinite="ignore")
+
+
+def test_every_example_level_task_key_is_in_every_batch():
+    batch = MultiTaskCollator([RISK, TOPIC, STAY])([{"x": 1.0}, {"x": 2.0}])
+    assert torch.isnan(batch["risk"]).all() and torch.isnan(batch["stay"]).all()
+    assert batch["topic"].tolist() == [IGNORE_INDEX, IGNORE_INDEX]
