@@ -27,8 +27,10 @@ class MultiTaskCollator:
 
     * ``input_ids`` are padded with ``pad_token_id``, masks with 0, token-task labels with -100.
     * A task's target that is absent from an example, ``None`` or NaN becomes "missing": NaN for float
-      kinds (binary, multilabel, regression), -100 for integer kinds — the module masks it out. An
-      example-level task's key is in every batch, even when no example of the batch has it.
+      kinds (binary, multilabel, regression), -100 for integer kinds — the module masks it out. With
+      ``fill_absent`` (default) an example-level task's key is in every batch, even when no example of the
+      batch has it (a sparse batch without any label is then skipped, not an error); ``False`` for per-task
+      datasets, whose batches carry their own task's key only.
     * Other keys are stacked (tensors, numbers, equal-length lists).
     * ``nonfinite``: a NaN or infinity in a float input, or an infinity in a float label, raises a
       ``ValueError`` naming the key and row (``"raise"``, the default); ``"skip"`` drops such input rows and
@@ -42,12 +44,15 @@ class MultiTaskCollator:
         (tensor([1., nan]), tensor([   2, -100]))
     """
 
-    def __init__(self, tasks: Sequence[Task], pad_token_id: int = 0, nonfinite: str = "raise") -> None:
+    def __init__(
+        self, tasks: Sequence[Task], pad_token_id: int = 0, nonfinite: str = "raise", fill_absent: bool = True
+    ) -> None:
         if nonfinite not in NONFINITE_MODES:
             raise ValueError(f"nonfinite must be one of {NONFINITE_MODES}, got {nonfinite!r}.")
         self.by_key = {t.target_key: t for t in tasks}
         self.pad_token_id = int(pad_token_id)
         self.nonfinite = nonfinite
+        self.fill_absent = fill_absent
         self.dropped_rows = 0
         self.masked_labels = 0
 
@@ -75,7 +80,7 @@ class MultiTaskCollator:
                     batch[key] = torch.stack([as_tensor(v, key) for v in values])
                 except (RuntimeError, TypeError):
                     continue  # strings, ragged metadata: not model inputs
-        for key, task in self.by_key.items():  # a label no example has: missing, so every batch has every key
+        for key, task in self.by_key.items() if self.fill_absent else ():  # a label no example has: missing
             if key not in batch and task.kind_obj.label_level == "example":
                 batch[key] = self._targets(task, [None] * len(examples), width)
         return self._finite(batch)

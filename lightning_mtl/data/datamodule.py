@@ -244,7 +244,9 @@ class MultiTaskDataModule(L.LightningDataModule):
     def collator(self) -> MultiTaskCollator:
         tok = self.tokenizer if self._tokenizer is not None else None
         pad = getattr(tok, "pad_token_id", None) or 0
-        return MultiTaskCollator(self.tasks, pad_token_id=pad, nonfinite=self.nonfinite)
+        return MultiTaskCollator(
+            self.tasks, pad_token_id=pad, nonfinite=self.nonfinite, fill_absent=not self.heterogeneous
+        )
 
     def _loader(self, ds: Any, name: str, train: bool) -> DataLoader:
         bs = (
