@@ -16,7 +16,9 @@ from typing_extensions import override
 
 from lightning_mtl.balancing import Balancer, create_balancer
 from lightning_mtl.balancing.base import Balanced, StepContext, TaskLosses
+from lightning_mtl.batch_checks import check_finite, check_label_keys, host_labelled, nearest_key, num_rows
 from lightning_mtl.hub import HubMixin
+from lightning_mtl.kinds.base import missing_mask
 from lightning_mtl.specs import build_from_spec
 from lightning_mtl.tasks import STAGES, Task
 from lightning_mtl.transfer import TransferMixin
@@ -289,8 +291,10 @@ class MultiTaskModule(HubMixin, TransferMixin, L.LightningModule):
                     continue
                 key = self.tasks[name].target_key
                 if key not in sub:
+                    near = nearest_key(key, [str(k) for k in sub])
+                    hint = f" Did you mean {near!r}? Set Task({name!r}, target_key={near!r})." if near else ""
                     raise KeyError(
-                        f"Task {name!r}: its batch has no target key {key!r}; keys present: {sorted(sub)}."
+                        f"Task {name!r}: its batch has no target key {key!r}; keys present: {sorted(sub)}.{hint}"
                     )
                 inputs = {k: v for k, v in sub.items() if k not in target_keys}
                 groups.append(TaskGroup(inputs, {name: sub[key]}, [name]))
@@ -361,6 +365,7 @@ class MultiTaskModule(HubMixin, TransferMixin, L.LightningModule):
         if self._checking:
             self._checks_left[stage] -= 1
         for group in self.split_batch(batch):
+            self._check_group(batch, group, stage)
             features = self.forward_features(group.inputs)
             if stage == "train":  # the shared representation, for balancers that need it
                 self._step_features += [self.select_features(features, self.tasks[n]) for n in group.tasks]
@@ -371,6 +376,29 @@ class MultiTaskModule(HubMixin, TransferMixin, L.LightningModule):
                 extras[name] = extras[name] + term if name in extras else term
         return losses, extras
 
+    def _check_group(self, batch: Any, group: TaskGroup, stage: str) -> None:
+        """Every batch: not empty (shapes only). The checked first batches of a stage: finite values and label
+        keys that are not misspelled."""
+        where = f"{_STAGE_WORDS.get(stage, stage)} batch {self._batch_idx}"
+        if num_rows(group.inputs) == 0:
+            raise ValueError(
+                f"Empty {where}: its inputs have 0 rows (keys: {_batch_keys(batch)}). Check the data source, "
+                "filters and sampler: a loader must not yield empty batches."
+            )
+        if not self._checking:
+            return
+        target_keys = {t.name: t.target_key for t in self.tasks.values()}
+        check_finite(group.inputs, group.targets, target_keys, where)
+        if isinstance(batch, Mapping) and not set(batch) <= set(self.tasks):
+            keys = self.hparams.get("input_keys") or getattr(self.backbone, "input_keys", None)
+            ignored = check_label_keys(batch, target_keys, keys)
+            if ignored:
+                rank_zero_warn(
+                    f"Batch key(s) {ignored} of the {where} are neither backbone inputs (input_keys={list(keys or [])}) "
+                    "nor any task's target key, and are ignored. Rename a label column to its task's target_key, "
+                    "or drop the column."
+                )
+
     def task_losses(self, losses: Mapping[str, Tensor]) -> TaskLosses:
         """``losses`` of the last :meth:`shared_step` as :class:`~lightning_mtl.balancing.TaskLosses` (with
         the labelled counts, so a task whose labels are all missing is not ``present``)."""
@@ -380,6 +408,9 @@ class MultiTaskModule(HubMixin, TransferMixin, L.LightningModule):
     # --- Lightning hooks --------------------------------------------------------------------------
     @override
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        self._batch_idx = batch_idx
+        if self._skip_now:
+            return self._skipped_step()
         self._metrics_due = batch_idx % self.train_metrics_every == 0
         raw, extras = self.shared_step(batch, "train")
         if not raw:
@@ -434,6 +465,8 @@ class MultiTaskModule(HubMixin, TransferMixin, L.LightningModule):
             **self._step_metrics(losses, balanced, objective, extras),
             "epoch": float(trainer.current_epoch),
         }
+        if self.skipped_batches:
+            metrics["train/skipped_batches"] = float(self.skipped_batches)
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
             logger.save()
@@ -481,9 +514,72 @@ class MultiTaskModule(HubMixin, TransferMixin, L.LightningModule):
             scale = torch.tensor(scaler.get_scale())
         return scale.to(device=self.device, dtype=torch.float32)
 
+    # --- batches without any label ---------------------------------------------------------------
+    skip_unlabelled: bool = True
+    """Skip a training batch in which every label of every task is missing (no optimizer update; counted in
+    ``skipped_batches``, logged as ``train/skipped_batches``, warned once). Under DDP the ranks agree through
+    a CPU (gloo) all-reduce of one flag per step, so all skip together iff no rank's batch has a label.
+    Whether a batch has a label is read on the CPU before the batch moves to the device; a loader that yields
+    device tensors is checked on the ``check_inputs`` batches only."""
+    skipped_batches: int = 0
+    """Training batches skipped because no task had a label in them (all ranks together under DDP)."""
+    _skip_now = False
+    _window: str | None = (
+        None  # since the last update: None (no batch), "skipped" (skipped ones only), "labelled"
+    )
+    _label_hint: bool | None = None
+    _batch_idx = 0
+
+    @override
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Whether the batch holds any label, read from its CPU tensors before they move to the device."""
+        try:
+            self._label_hint = host_labelled(t for g in self.split_batch(batch) for t in g.targets.values())
+        except (KeyError, TypeError, ValueError):
+            self._label_hint = None  # the step raises its own clear error
+        return batch
+
+    @override
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        hint, self._label_hint = self._label_hint, None
+        self._skip_now = False
+        if self.skip_unlabelled:
+            if hint is None and self._checks_left.get("train", 0) > 0:
+                hint = self._any_label(batch)  # reads the device: the checked first batches only
+            self._skip_now = not _all_ranks_any(hint is not False, self._trainer)
+        self._window = "labelled" if not self._skip_now or self._window == "labelled" else "skipped"
+
+    def _any_label(self, batch: Any) -> bool | None:
+        try:
+            groups = self.split_batch(batch)
+        except (KeyError, TypeError, ValueError):
+            return None
+        return any(bool((~missing_mask(t)).any()) for g in groups for t in g.targets.values())
+
+    def _skipped_step(self) -> Tensor:
+        """A zero loss that reaches every trainable parameter (so DDP's gradient reduction completes on every
+        rank); :meth:`optimizer_step` then leaves the parameters and optimizer state untouched."""
+        self.skipped_batches += 1
+        if self.skipped_batches == 1:
+            rank_zero_warn(
+                f"Training batch {self._batch_idx} has no label for any task (every target is missing); it is "
+                "skipped without an optimizer update. Skipped batches are counted in module.skipped_batches and "
+                "logged as train/skipped_batches; this warning is shown once."
+            )
+        params = [p for p in self.parameters() if p.requires_grad]
+        zero = torch.zeros((), device=self.device)
+        return zero + sum((p.sum() * 0.0 for p in params), zero)
+
     @override
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        if self._window == "skipped":  # every batch since the last update was skipped
+            closure = kwargs.get("optimizer_closure", args[3] if len(args) > 3 else None)
+            if closure is not None:
+                closure()  # the zero loss's backward: DDP reduces gradients on every rank
+            self._window = None
+            return
         super().optimizer_step(*args, **kwargs)
+        self._window = None
         # right after the step, before any ``on_train_batch_end`` callback (a checkpoint taken there holds
         # the balancer's update of this step, and the RNG after it: exact mid-epoch resume)
         batch, self._batch_before = self._batch_before, None
@@ -506,11 +602,24 @@ class MultiTaskModule(HubMixin, TransferMixin, L.LightningModule):
 
     @override
     def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self.shared_step(batch, "val")
+        self._eval_step(batch, batch_idx, "val")
 
     @override
     def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self.shared_step(batch, "test")
+        self._eval_step(batch, batch_idx, "test")
+
+    def _eval_step(self, batch: Any, batch_idx: int, stage: str) -> None:
+        self._batch_idx = batch_idx
+        hint, self._label_hint = self._label_hint, None
+        losses, _ = self.shared_step(batch, stage)
+        warned: set[str] = self.__dict__.setdefault("_unlabelled_warned", set())
+        if (hint is False or not losses) and stage not in warned:
+            warned.add(stage)
+            rank_zero_warn(
+                f"{_STAGE_WORDS[stage].capitalize()} batch {batch_idx} has no label for any task (every target is "
+                f"missing or absent); it counts for no {stage} metric. Check the {stage} split's label columns. "
+                "Warned once per stage."
+            )
 
     @override
     def on_train_start(self) -> None:
@@ -702,6 +811,31 @@ def _set_rng_states(states: Mapping[str, Any]) -> None:
 
 
 """Batches of each stage whose label values ``check_inputs=True`` validates."""
+
+_STAGE_WORDS = {"train": "training", "val": "validation", "test": "test", "refresh": "training"}
+
+
+def _all_ranks_any(local: bool, trainer: Any) -> bool:
+    """``local`` or-reduced over the DDP ranks through a CPU (gloo) group: no device read."""
+    world = int(getattr(trainer, "world_size", 1)) if trainer is not None else 1
+    if world <= 1 or not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        return local
+    flag = torch.tensor([int(local)], dtype=torch.int32)
+    torch.distributed.all_reduce(flag, group=_host_group())
+    return bool(flag[0])
+
+
+_HOST_GROUPS: dict[int, Any] = {}
+
+
+def _host_group() -> Any:
+    """A gloo process group over all ranks, created once per default group (the default one if it is gloo)."""
+    dist = torch.distributed
+    world = dist.group.WORLD
+    key = id(world)
+    if key not in _HOST_GROUPS:
+        _HOST_GROUPS[key] = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+    return _HOST_GROUPS[key]
 
 
 class BackboneInputError(ValueError, RuntimeError):

@@ -42,12 +42,14 @@ class MultiTaskDataModule(L.LightningDataModule):
             longest epoch; shorter datasets cycle), ``min_size`` or ``max_size``.
         group_by_length: batch tokenised training examples of similar length together
             (:class:`~lightning_mtl.data.samplers.LengthGroupedSampler`), which cuts padding.
+        nonfinite: ``"raise"`` (default) or ``"skip"`` rows with a NaN/inf input and infinite labels
+            (:class:`~lightning_mtl.data.MultiTaskCollator`).
+        cache_dir: where tokenised datasets are cached (``None``: datasets' own cache for file-backed
+            datasets, none for in-memory ones).
 
     Training loaders are ``torchdata`` ``StatefulDataLoader`` s: Lightning saves their position (sampler
     order and batches served, every task's loader of a ``CombinedLoader``) in checkpoints, so a run resumed
     from a mid-epoch checkpoint reads exactly the batches the interrupted run would have read.
-        cache_dir: where tokenised datasets are cached (``None``: datasets' own cache for file-backed
-            datasets, none for in-memory ones).
 
     Example:
         >>> from datasets import Dataset
@@ -75,6 +77,7 @@ class MultiTaskDataModule(L.LightningDataModule):
         train_mode: str = "max_size_cycle",
         cache_dir: str | None = None,
         group_by_length: bool = True,
+        nonfinite: str = "raise",
     ) -> None:
         super().__init__()
         if train_mode not in TRAIN_MODES:
@@ -103,6 +106,7 @@ class MultiTaskDataModule(L.LightningDataModule):
         self.train_mode = train_mode
         self.cache_dir = cache_dir
         self.group_by_length = group_by_length
+        self.nonfinite = nonfinite
         self.splits: dict[str, dict[str, Any]] = {}
 
     # --- preparation ------------------------------------------------------------------------------
@@ -245,7 +249,9 @@ class MultiTaskDataModule(L.LightningDataModule):
     def collator(self) -> MultiTaskCollator:
         tok = self.tokenizer if self._tokenizer is not None else None
         pad = getattr(tok, "pad_token_id", None) or 0
-        return MultiTaskCollator(self.tasks, pad_token_id=pad)
+        return MultiTaskCollator(
+            self.tasks, pad_token_id=pad, nonfinite=self.nonfinite, fill_absent=not self.heterogeneous
+        )
 
     def _loader(self, ds: Any, name: str, train: bool) -> DataLoader:
         bs = (

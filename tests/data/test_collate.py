@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -181,3 +182,48 @@ def test_errors():
         collate([{"flags": [1, 0, 1]}, {"flags": [1, 0]}])
     with pytest.raises(TypeError, match="Key 'topic': cannot make a tensor of str"):
         collate([{"topic": "a"}])
+
+
+# --- non-finite values ---------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("examples", "words"),
+    [
+        ([{"x": [1.0, 2.0], "stay": 1.0}, {"x": [NAN, 0.0], "stay": 2.0}], ["'x'", "row 1", "nan", "Clean"]),
+        ([{"x": [1.0, 2.0], "stay": 1.0}, {"x": [0.0, 1.0], "stay": -math.inf}], ["'stay'", "row 1", "-inf"]),
+    ],
+)
+def test_nonfinite_raises_naming_key_and_row(examples, words):
+    with pytest.raises(ValueError) as info:
+        MultiTaskCollator([STAY, RISK])(examples)
+    for word in [*words, "nonfinite='skip'"]:
+        assert word in str(info.value), (word, str(info.value))
+
+
+def test_nonfinite_skip_drops_input_rows_and_masks_infinite_labels():
+    collate = MultiTaskCollator([STAY, RISK], nonfinite="skip")
+    examples = [
+        {"x": [1.0, 2.0], "stay": 1.0, "risk": 1},
+        {"x": [math.inf, 0.0], "stay": 2.0, "risk": 0},
+        {"x": [3.0, 4.0], "stay": math.inf, "risk": 1},
+    ]
+    with pytest.warns(UserWarning, match="dropped 1 row"):
+        batch = collate(examples)
+    assert batch["x"].tolist() == [[1.0, 2.0], [3.0, 4.0]]
+    assert batch["risk"].tolist() == [1.0, 1.0]
+    assert batch["stay"][0] == 1.0 and torch.isnan(batch["stay"][1])
+    assert (collate.dropped_rows, collate.masked_labels) == (1, 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once
+        collate(examples)
+    assert (collate.dropped_rows, collate.masked_labels) == (2, 2)
+
+
+def test_nonfinite_mode_is_validated():
+    with pytest.raises(ValueError, match="nonfinite must be one of"):
+        MultiTaskCollator([STAY], nonfinite="ignore")
+
+
+def test_every_example_level_task_key_is_in_every_batch():
+    batch = MultiTaskCollator([RISK, TOPIC, STAY])([{"x": 1.0}, {"x": 2.0}])
+    assert torch.isnan(batch["risk"]).all() and torch.isnan(batch["stay"]).all()
+    assert batch["topic"].tolist() == [IGNORE_INDEX, IGNORE_INDEX]
