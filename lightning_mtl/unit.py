@@ -164,7 +164,10 @@ def _safe_compute(metric: Any) -> Tensor:
         warnings.filterwarnings("ignore", message=".*compute.*before.*update.*")
         try:
             value = torch.as_tensor(metric.compute(), dtype=torch.float32)
-        except ValueError:  # list-state metrics (e.g. AUROC) cannot compute without samples
+        except (ValueError, IndexError):  # list-state metrics (e.g. AUROC) cannot compute without samples
+            # (IndexError: under DDP, after gathering every rank's empty state, which is then left synced)
+            if getattr(metric, "_is_synced", False):
+                metric.unsync()
             if getattr(metric, "update_count", None) != 0:
                 raise
             return torch.tensor(float("nan"))

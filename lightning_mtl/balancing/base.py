@@ -491,6 +491,11 @@ def check_balancer_args(cls: type[Balancer], kwargs: Mapping[str, Any], what: st
                     f"Balancer {what}: argument {key} must be True or False, got {type(value).__name__} {value!r}."
                 )
         elif isinstance(default, (int, float)):
+            annotation = str(params[key].annotation)
+            if isinstance(value, Mapping) and ("Mapping" in annotation or "dict" in annotation):
+                for item in value.values():  # a per-task form, e.g. FAMO's min_losses={task: value}
+                    check_balancer_args(cls, {key: item}, what)
+                continue
             if isinstance(value, bool) or not isinstance(value, numbers.Real):
                 raise TypeError(
                     f"Balancer {what}: argument {key} must be a number (like its default {default!r}), got "

@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import TINY_BERT
+from torch import nn
 from transformers import BertConfig, BertModel
 
-from lightning_mtl._registry import build_from_spec
 from lightning_mtl.backbones import PACKAGED_MINILM, HFEncoder, resolve_model_path
+from lightning_mtl.specs import build_from_spec
 
 HIDDEN = TINY_BERT["hidden_size"]
 LAYERS = TINY_BERT["num_hidden_layers"]
@@ -142,7 +143,7 @@ def test_spec_is_json_and_rebuilds_identically(encoder, batch):
     assert spec["class_path"] == "lightning_mtl.backbones.HFEncoder"
     assert spec["init_args"]["tokenizer"] == PACKAGED_MINILM and spec["init_args"]["pooling"] == "mean"
     assert spec["init_args"]["config"]["hidden_size"] == HIDDEN
-    rebuilt = build_from_spec(json.loads(text), "backbone")
+    rebuilt = build_from_spec(json.loads(text), nn.Module, "backbone")
     assert isinstance(rebuilt, HFEncoder)
     # a freshly initialised model differs until the weights are loaded
     with torch.no_grad():
