@@ -7,6 +7,7 @@ Example:
 """
 
 from lightning_mtl.balancing import Balancer, list_balancers, register_balancer
+from lightning_mtl.config_checks import BackboneInputError
 from lightning_mtl.data import MultiTaskDataModule
 from lightning_mtl.heads import list_heads, register_head
 from lightning_mtl.kinds import list_kinds, register_kind
@@ -17,6 +18,7 @@ from lightning_mtl.tasks import Task
 __version__ = "0.1.0"
 
 __all__ = [
+    "BackboneInputError",
     "Balancer",
     "MultiTaskDataModule",
     "MultiTaskModule",

@@ -14,7 +14,7 @@ from torch import nn
 from lightning_mtl import MultiTaskModule, Task
 from lightning_mtl.backbones import MLPBackbone
 from lightning_mtl.balancing import create_balancer
-from lightning_mtl.module import BackboneInputError
+from lightning_mtl.config_checks import BackboneInputError
 
 RISK = {"name": "risk", "kind": "binary", "labels": ["low", "high"]}
 GROUP = {"name": "group", "kind": "multiclass", "labels": ["a", "b", "c"]}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -270,15 +271,19 @@ class MultiTaskDataModule(L.LightningDataModule):
             # the order a function of (seed, epoch): a resumed run's later epochs match too, which the
             # generator-driven RandomSampler does not guarantee (the loader draws from its generator as well)
             sampler = ShuffleSampler(len(ds), seed=self.seed)
-        return loader_class(
-            ds,
-            batch_size=bs,
-            sampler=sampler,
-            collate_fn=self.collator(),
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            generator=torch.Generator().manual_seed(self.seed) if train else None,
-        )
+        with (
+            warnings.catch_warnings()
+        ):  # torchdata calls the deprecated torch.set_vital: not the user's concern
+            warnings.filterwarnings("ignore", message=".*set_vital.*", category=UserWarning)
+            return loader_class(
+                ds,
+                batch_size=bs,
+                sampler=sampler,
+                collate_fn=self.collator(),
+                num_workers=self.num_workers,
+                persistent_workers=self.num_workers > 0,
+                generator=torch.Generator().manual_seed(self.seed) if train else None,
+            )
 
     def _combined(self, split: str, mode: str) -> Any:
         if not self.splits:
