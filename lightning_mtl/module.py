@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -526,7 +527,9 @@ class MultiTaskModule(HubMixin, TransferMixin, L.LightningModule):
     skip_unlabelled: bool = True
     """Skip a training batch in which every label of every task is missing (no optimizer update; counted in
     ``skipped_batches``, logged as ``train/skipped_batches``, warned once). Under DDP the ranks agree through
-    a CPU (gloo) all-reduce of one flag per step, so all skip together iff no rank's batch has a label.
+    a CPU (gloo) all-reduce of one flag per step, so all skip together iff no rank's batch has a label; left
+    out when the datamodule says no training batch can be unlabelled
+    (:meth:`~lightning_mtl.data.MultiTaskDataModule.may_yield_unlabelled_batches`).
     Whether a batch has a label is read on the CPU before the batch moves to the device; a loader that yields
     device tensors is checked on the ``check_inputs`` batches only."""
     skipped_batches: int = 0
@@ -536,6 +539,7 @@ class MultiTaskModule(HubMixin, TransferMixin, L.LightningModule):
         None  # since the last update: None (no batch), "skipped" (skipped ones only), "labelled"
     )
     _label_hint: bool | None = None
+    _skips_possible = True
     _batch_idx = 0
 
     @override
@@ -551,7 +555,7 @@ class MultiTaskModule(HubMixin, TransferMixin, L.LightningModule):
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         hint, self._label_hint = self._label_hint, None
         self._skip_now = False
-        if self.skip_unlabelled:
+        if self.skip_unlabelled and self._skips_possible:
             if hint is None and self._checks_left.get("train", 0) > 0:
                 hint = self._any_label(batch)  # reads the device: the checked first batches only
             self._skip_now = not _all_ranks_any(hint is not False, self._trainer)
@@ -630,8 +634,18 @@ class MultiTaskModule(HubMixin, TransferMixin, L.LightningModule):
             )
 
     @override
+    def on_fit_start(self) -> None:
+        # Lightning notes that a module's own ``on_before_batch_transfer`` is used when a datamodule is passed:
+        # ours only reads whether a batch holds a label (``skip_unlabelled``), which is what every user wants
+        warnings.filterwarnings("ignore", message=_OWN_BATCH_HOOK_NOTE)
+
+    @override
     def on_train_start(self) -> None:
         self._checks_left["train"] = self.check_batches
+        # data that cannot yield an unlabelled batch (every rank reads the same answer from the same data)
+        # needs no per-step agreement on skipping: the gloo all-reduce is left out
+        probe = getattr(getattr(self._trainer, "datamodule", None), "may_yield_unlabelled_batches", None)
+        self._skips_possible = bool(probe()) if callable(probe) else True
 
     @override
     def on_validation_start(self) -> None:
@@ -820,6 +834,9 @@ def _set_rng_states(states: Mapping[str, Any]) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
+_OWN_BATCH_HOOK_NOTE = (
+    r"You have overridden `on_before_batch_transfer` in `LightningModule` but have passed in a"
+)
 _STAGE_WORDS = {"train": "training", "val": "validation", "test": "test", "refresh": "training"}
 
 

@@ -211,3 +211,47 @@ def test_ddp_ranks_skip_together_only_when_no_rank_has_a_label(tmp_path):
         assert not torch.equal(params[1], params[2])  # step 2: rank 0 had labels, both stepped
     for step in range(4):
         assert torch.equal(ranks[0]["params"][step], ranks[1]["params"][step]), step
+
+
+@pytest.mark.parametrize("gappy", [False, True])
+def test_the_skip_agreement_is_left_out_when_the_data_cannot_be_unlabelled(gappy, monkeypatch):
+    """The per-step all-reduce of the skip flag (DDP) runs only for data that can yield an unlabelled batch."""
+    from datasets import Dataset
+
+    import lightning_mtl.module as module_py
+    from lightning_mtl import MultiTaskDataModule
+
+    calls: list[bool] = []
+    real = module_py._all_ranks_any
+    monkeypatch.setattr(
+        module_py, "_all_ranks_any", lambda local, trainer: calls.append(local) or real(local, trainer)
+    )
+    rows = {"x": [[float(i)] * 4 for i in range(16)], "risk": [1.0, 0.0] * 8, "stay": [0.5] * 16}
+    if gappy:
+        rows["risk"][3], rows["stay"][3] = None, None
+    ds = Dataset.from_dict(rows)
+    tasks = [Task("risk", kind="binary"), Task("stay", kind="regression")]
+    dm = MultiTaskDataModule({"train": ds, "val": ds, "test": ds}, tasks=tasks, batch_size=4)
+    m = MultiTaskModule(MLPBackbone(4, hidden=(8,), dropout=0.0), tasks)
+    L.Trainer(
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    ).fit(m, datamodule=dm)
+    assert len(calls) == (4 if gappy else 0)
+
+
+def test_lightnings_note_on_our_batch_hook_is_silenced_and_nothing_else():
+    m = module()
+    note = (
+        "You have overridden `on_before_batch_transfer` in `LightningModule` but have passed in a "
+        "`LightningDataModule`. It will use the implementation from `LightningModule` instance."
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        m.on_fit_start()
+        warnings.warn(note, UserWarning, stacklevel=1)
+        warnings.warn("an unrelated warning", UserWarning, stacklevel=1)
+    assert [str(w.message) for w in caught] == ["an unrelated warning"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from collections.abc import Mapping, Sequence
@@ -300,6 +301,45 @@ class MultiTaskDataModule(L.LightningDataModule):
     def train_dataloader(self) -> Any:
         return self._combined("train", self.train_mode)
 
+    def may_yield_unlabelled_batches(self) -> bool:
+        """Whether a training batch could hold no label for any task. ``False`` only when the training data
+        shows it cannot: with one dataset, every row has a label for some task; with per-task datasets, the
+        longest one (present in every combined batch) has a label in every row. Read from the label columns
+        of ``datasets`` tables on the host (other datasets, or ``nonfinite="skip"``, which can mask labels:
+        ``True``). Every DDP rank computes the same answer from the same data, so a module may leave out the
+        per-step agreement on skipping unlabelled batches when it is ``False``.
+
+        Example:
+            >>> from datasets import Dataset
+            >>> ds = Dataset.from_dict({"x": [[0.0], [1.0]], "a": [1, None], "b": [None, 0.5]})
+            >>> tasks = [Task("a", kind="binary"), Task("b", kind="regression")]
+            >>> dm = MultiTaskDataModule({"train": ds, "val": ds, "test": ds}, tasks=tasks)
+            >>> dm.setup(); dm.may_yield_unlabelled_batches()
+            False
+        """
+        if not self.splits:
+            self.setup()
+        if self.nonfinite == "skip":
+            return True
+        train = {name: ds for name, ds in self.splits["train"].items() if len(ds) > 0}
+        if not train:
+            return True
+        if self.heterogeneous:
+            name = max(train, key=lambda n: len(train[n]))
+            tasks = [self.task_by_name[name]]
+            ds = train[name]
+        else:
+            tasks, ds = self.tasks, train.get("__all__")
+        columns = getattr(ds, "column_names", None)
+        if columns is None:
+            return True  # a torch dataset: reading every example could be costly
+        labelled = [False] * len(ds)
+        for task in tasks:
+            if task.target_key in columns:
+                for i, value in enumerate(ds[task.target_key]):
+                    labelled[i] = labelled[i] or not _missing(value)
+        return not all(labelled)
+
     def val_dataloader(self) -> Any:
         return self._combined("val", "max_size")
 
@@ -314,6 +354,19 @@ def _is_per_task(datasets: Any, tasks: Mapping[str, Task]) -> bool:
     if not isinstance(datasets, Mapping):
         return False
     return not (type(datasets).__name__ == "DatasetDict" or set(datasets) <= set(SPLIT_NAMES))
+
+
+def _missing(value: Any) -> bool:
+    """A missing label as the collator reads it: None, NaN, -100, or a sequence of only those (token tags)."""
+    if value is None:
+        return True
+    if isinstance(value, float):
+        return math.isnan(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value == IGNORE_INDEX
+    if isinstance(value, (list, tuple)):
+        return all(_missing(v) for v in value)
+    return False
 
 
 def _in_memory(ds: Any) -> bool:

@@ -422,3 +422,42 @@ def test_single_dataset_with_missing_labels():
     assert batch["risk"].dtype == torch.float32 and batch["topic"].dtype == torch.long
     assert int(torch.isnan(batch["risk"]).sum()) == a.count(None)
     assert int((batch["topic"] == IGNORE_INDEX).sum()) == b.count(None)
+
+
+def _unlabelled_probe_data(last_row: dict[str, object]) -> dict[str, object]:
+    from datasets import Dataset
+
+    rows = {"x": [[float(i)] for i in range(8)], "a": [1, None] * 4, "b": [None, 0.5] * 4}
+    for key, value in last_row.items():
+        rows[key][-1] = value  # type: ignore[index]
+    ds = Dataset.from_dict(rows)
+    return {"train": ds, "val": ds, "test": ds}
+
+
+@pytest.mark.parametrize(
+    ("last_row", "nonfinite", "expected"),
+    [
+        ({}, "raise", False),  # every row has a label for a or b
+        ({"b": None}, "raise", True),  # the last row has none
+        ({"b": float("nan")}, "raise", True),  # NaN is missing too
+        ({}, "skip", True),  # skipping non-finite labels can empty a row
+    ],
+)
+def test_may_yield_unlabelled_batches_single_dataset(last_row, nonfinite, expected):
+    tasks = [Task("a", kind="binary"), Task("b", kind="regression")]
+    dm = MultiTaskDataModule(_unlabelled_probe_data(last_row), tasks=tasks, nonfinite=nonfinite)
+    assert dm.may_yield_unlabelled_batches() is expected
+
+
+def test_may_yield_unlabelled_batches_per_task_reads_the_longest_dataset():
+    from datasets import Dataset
+
+    tasks = [Task("a", kind="binary"), Task("b", kind="multiclass", labels=["x", "y"])]
+    long = Dataset.from_dict({"x": [[0.0]] * 20, "a": [1, 0] * 10})
+    short = Dataset.from_dict({"x": [[0.0]] * 6, "b": [None] * 6})
+    assert MultiTaskDataModule({"a": long, "b": short}, tasks=tasks).may_yield_unlabelled_batches() is False
+    gappy = Dataset.from_dict({"x": [[0.0]] * 20, "a": [1, None] * 10})
+    assert MultiTaskDataModule({"a": gappy, "b": short}, tasks=tasks).may_yield_unlabelled_batches() is True
+    tokens = Dataset.from_dict({"x": [[0.0]] * 20, "a": [[-100, -100]] * 20})  # token tags: all missing
+    token_task = [Task("a", kind="token", labels=["O", "B"]), tasks[1]]
+    assert MultiTaskDataModule({"a": tokens, "b": short}, tasks=token_task).may_yield_unlabelled_batches()
