@@ -544,7 +544,12 @@ class MultiTaskModule(HubMixin, TransferMixin, L.LightningModule):
 
     @override
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """Whether the batch holds any label, read from its CPU tensors before they move to the device."""
+        """Whether the batch holds any label, read from its CPU tensors before they move to the device (for
+        the skip of unlabelled training batches and the warning on unlabelled evaluation batches)."""
+        trainer = self._trainer
+        if trainer is not None and trainer.training and not (self.skip_unlabelled and self._skips_possible):
+            self._label_hint = None  # no training batch can be skipped: nothing to read
+            return batch
         try:
             self._label_hint = host_labelled(t for g in self.split_batch(batch) for t in g.targets.values())
         except (KeyError, TypeError, ValueError):
